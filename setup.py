@@ -1,0 +1,33 @@
+"""keras-feed: feature-level ensemble knowledge distillation (FEED) for Keras 3."""
+
+import setuptools
+
+setuptools.setup(
+    name="keras-feed",
+    version="0.1.0",
+    description=(
+        "Distil an ensemble of teacher networks into one student at the "
+        "feature-map level (FEED, Park & Kwak) with Keras 3 and TensorFlow."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["keras_feed", "keras_feed.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.12",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=1.0",
+        "tensorboard>=2.16",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "keras-feed-train=keras_feed.train:run",
+            "keras-feed-eval=keras_feed.evaluate:run",
+            "keras-feed-export=keras_feed.export:run",
+        ]
+    },
+)
