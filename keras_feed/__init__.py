@@ -7,12 +7,28 @@ The main entry points:
 - `keras_feed.models.build(name, input_shape=..., num_classes=...)`: the model zoo.
 - `keras_feed.data.load(name, ...)`: tf.data pipelines.
 - `keras_feed.losses`: `feed_loss`, `kd_loss`, `ft_loss`.
+- `keras_feed.experiment.run(TrainConfig(...))`: a whole run, as the CLI does it.
+
+TensorFlow is imported on first use of these names, so that the command-line
+tools can set up logging before it loads.
 """
 
-from keras_feed.distiller import FEEDDistiller
-from keras_feed.losses import feed_loss
-from keras_feed.translators import Translator
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["FEEDDistiller", "Translator", "feed_loss", "__version__"]
+_LAZY = {
+    "FEEDDistiller": ("keras_feed.distiller", "FEEDDistiller"),
+    "Translator": ("keras_feed.translators", "Translator"),
+    "feed_loss": ("keras_feed.losses", "feed_loss"),
+    "TrainConfig": ("keras_feed.experiment", "TrainConfig"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attribute)
+    raise AttributeError(f"module 'keras_feed' has no attribute '{name}'")

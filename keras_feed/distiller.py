@@ -89,7 +89,8 @@ class FEEDDistiller(keras.Model):
     Args:
       student: functional `keras.Model` returning logits.
       teachers: a list of functional `keras.Model`s with the same class count.
-      beta: weight of the summed feature terms (500 on CIFAR in the paper).
+      beta: weight of the summed feature terms (500 on CIFAR in the paper);
+        0 builds no NTLs (logit-level KD alone).
       student_layer: name of the student's feature-map layer.
       teacher_layers: one layer name for all teachers, or one per teacher.
       kd_weight: weight of Hinton's KD term in [0, 1]; CE gets 1 - kd_weight.
@@ -146,6 +147,7 @@ class FEEDDistiller(keras.Model):
         )
         num_classes = student.outputs[0].shape[-1]
         student_shape = tuple(student_extractor.outputs[1].shape[1:])
+        self.student_feature_shape = student_shape
 
         teacher_layers = _as_list(teacher_layers, len(teachers), "teacher_layers")
         transforms = (
@@ -178,6 +180,8 @@ class FEEDDistiller(keras.Model):
                 translator_channels[index] if translator_channels else target_shape[-1]
             )
             teacher_extractors.append(extractor)
+            if self.beta == 0:
+                continue  # logit-level KD only: no NTLs, no feature terms
             self.translators.append(
                 translators_lib.translator_for(
                     student_shape,
@@ -200,7 +204,7 @@ class FEEDDistiller(keras.Model):
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.feature_trackers = [
             keras.metrics.Mean(name=f"{feature_term}_{index}")
-            for index in range(len(teachers))
+            for index in range(len(self.translators))
         ]
         self.kd_tracker = (
             keras.metrics.Mean(name="kd_loss") if self.kd_weight > 0 else None

@@ -1,0 +1,444 @@
+"""One training run, from a `TrainConfig` to a student on disk.
+
+`run(config)` is what `keras-feed-train` calls, and the Python way to do the
+same: it validates everything first (flags, data, teacher files, shapes), so a
+bad run fails before it writes anything, then hands the work to the method
+named by `config.method` (see `keras_feed.methods`), then evaluates the student,
+its teachers and their ensemble, and writes the outputs into `config.model_dir`:
+
+    student.keras             the student alone (Keras format)
+    export/                   the student as a TensorFlow SavedModel
+    translators.weights.h5    the NTLs' weights (for the analysis)
+    metrics.json              test accuracy of student, teachers and ensemble
+    teachers/teacher_<i>.keras  teachers trained by the run (reused if present)
+    logs/<stage>/             TensorBoard logs of every training stage
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_feed import data as data_lib
+from keras_feed import distiller as distiller_lib
+from keras_feed import models
+from keras_feed import storage
+from keras_feed import translators as translators_lib
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; the command line's flags map onto it."""
+
+    method: str = "pfeed"
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    image_size: int | None = None
+    model: str = "resnet56"
+    teacher_model: str | None = None  # default: the student's architecture
+    teachers: tuple = ()  # paths of trained teachers (.keras)
+    num_teachers: int = 2
+    teacher_dir: str | None = None  # default: <model_dir>/teachers
+    teacher_seed: int = 100  # teacher i is trained with seed teacher_seed + i
+    teacher_epochs: int | None = None  # default: epochs
+    epochs: int = 200
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    lr_schedule: str = "step"  # step | cosine
+    lr_decay_epochs: tuple = ()  # step schedule; default: 50% and 75% of epochs
+    lr_decay_factor: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    beta: float = 500.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
+    student_layer: str = "features"
+    teacher_layer: str = "features"
+    translator_batchnorm: bool = False
+    seed: int = 0
+    subset_seed: int = 0
+    train_examples: int | None = None
+    model_dir: str = "runs/feed"
+    eval_batch_size: int = 256
+    validation_freq: int = 0  # evaluate on the test split every N epochs; 0: never
+    jit_compile: bool = False
+    unsafe_load: bool = False
+    verbose: int | None = None  # Keras fit verbosity; default: bar on a tty
+
+    @property
+    def teacher_architecture(self):
+        return self.teacher_model or self.model
+
+    @property
+    def teacher_folder(self):
+        return self.teacher_dir or os.path.join(self.model_dir, "teachers")
+
+
+LR_SCHEDULES = ("step", "cosine")
+
+
+def check_config(config, method):
+    """Raises `ValueError` (one line) on flag values that cannot work."""
+    positive = {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "eval_batch_size": config.eval_batch_size,
+    }
+    if config.teacher_epochs is not None:
+        positive["teacher_epochs"] = config.teacher_epochs
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name} must be > 0, got {value}.")
+    if config.train_examples is not None and config.train_examples <= 0:
+        raise ValueError(f"--train_examples must be > 0, got {config.train_examples}.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"Unknown --lr_schedule '{config.lr_schedule}'; choose from {', '.join(LR_SCHEDULES)}."
+        )
+    if config.weight_decay < 0 or config.beta < 0:
+        raise ValueError("--weight_decay and --beta must be >= 0.")
+    if not 0.0 <= config.kd_weight <= 1.0:
+        raise ValueError(f"--kd_weight must lie in [0, 1], got {config.kd_weight}.")
+    if config.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {config.temperature}.")
+    if config.validation_freq < 0:
+        raise ValueError(f"--validation_freq must be >= 0, got {config.validation_freq}.")
+    if method.uses_teachers and not config.teachers and config.num_teachers < 1:
+        raise ValueError(f"--num_teachers must be >= 1, got {config.num_teachers}.")
+    for path in config.teachers:
+        if not os.path.isfile(path):
+            raise ValueError(f"Teacher file not found: {path}")
+    method.check(config)
+
+
+def make_optimizer(config, steps_per_epoch, epochs):
+    """SGD with momentum and the configured learning-rate schedule."""
+    total_steps = steps_per_epoch * epochs
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, total_steps)
+        )
+    else:
+        decay_epochs = config.lr_decay_epochs or (
+            int(round(0.5 * epochs)),
+            int(round(0.75 * epochs)),
+        )
+        boundaries = sorted({int(e) * steps_per_epoch for e in decay_epochs if 0 < e < epochs})
+        values = [
+            config.learning_rate * config.lr_decay_factor**index
+            for index in range(len(boundaries) + 1)
+        ]
+        learning_rate = (
+            keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+            if boundaries
+            else config.learning_rate
+        )
+    return keras.optimizers.SGD(
+        learning_rate, momentum=config.momentum, nesterov=config.nesterov
+    )
+
+
+class Experiment:
+    """The shared machinery of a run: data, models, fitting, evaluation.
+
+    Methods (`keras_feed.methods`) use it to train what they need; it keeps
+    the validated data and the teacher plan, and writes the outputs.
+    """
+
+    def __init__(self, config, method, *, strategy=None):
+        self.config = config
+        self.method = method
+        self.strategy = strategy or tf.distribute.get_strategy()
+        check_config(config, method)
+        self.data = data_lib.load(
+            config.dataset,
+            data_dir=config.data_dir,
+            train_examples=config.train_examples,
+            seed=config.subset_seed,
+            image_size=config.image_size,
+        )
+        self.info = self.data.info
+        self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
+        self.input_shape = tuple(self.info.image_shape)
+        self.num_classes = self.info.num_classes
+        self.history = {}
+        self._check_models()
+
+    # -- validation before anything is written ------------------------------
+
+    def _check_models(self):
+        """Builds the student and checks every teacher against it, writing nothing."""
+        with self.strategy.scope():
+            student = self.build_student()
+            distiller_lib.feature_extractor(
+                student, self.config.student_layer, name="check"
+            )
+            if not self.method.uses_teachers:
+                return
+            teachers = [self._load_teacher(path) for path in self.config.teachers]
+            if not teachers:
+                teachers = [self.build_model(self.config.teacher_architecture, seed=0)]
+            for teacher in teachers:
+                self._check_teacher(teacher, student)
+
+    def _check_teacher(self, teacher, student):
+        student_shape = student.get_layer(self.config.student_layer).output.shape[1:]
+        extractor = distiller_lib.feature_extractor(
+            teacher, self.config.teacher_layer, name="check"
+        )
+        classes = extractor.outputs[0].shape[-1]
+        if classes != self.num_classes:
+            raise ValueError(
+                f"Teacher '{teacher.name}' predicts {classes} classes; dataset "
+                f"'{self.info.name}' has {self.num_classes}."
+            )
+        teacher_input = tuple(teacher.inputs[0].shape[1:])
+        if teacher_input != self.input_shape:
+            raise ValueError(
+                f"Teacher '{teacher.name}' takes inputs {teacher_input}; the data "
+                f"gives {self.input_shape}."
+            )
+        self.method.check_shapes(
+            tuple(student_shape), tuple(extractor.outputs[1].shape[1:])
+        )
+
+    def _load_teacher(self, path):
+        teacher = storage.load_model(path, unsafe=self.config.unsafe_load)
+        teacher.trainable = False
+        return teacher
+
+    # -- models ----------------------------------------------------------------
+
+    def build_model(self, name, *, seed):
+        return models.build(
+            name, input_shape=self.input_shape, num_classes=self.num_classes, seed=seed
+        )
+
+    def build_student(self, seed=None):
+        """A fresh student of `config.model`, seeded with `config.seed` by default."""
+        return self.build_model(
+            self.config.model, seed=self.config.seed if seed is None else seed
+        )
+
+    def teachers(self):
+        """The frozen teachers: loaded from `config.teachers`, or trained with CE.
+
+        Trained teachers are saved to `teacher_folder/teacher_<i>.keras`, and a
+        teacher file already there is reused rather than trained again.
+        """
+        if self.config.teachers:
+            with self.strategy.scope():
+                return [self._load_teacher(path) for path in self.config.teachers]
+        teachers = []
+        for index in range(self.config.num_teachers):
+            path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
+            if os.path.isfile(path):
+                logging.info("Reusing teacher %d from %s", index, path)
+            else:
+                seed = self.config.teacher_seed + index
+                logging.info(
+                    "Training teacher %d/%d (%s, seed %d) -> %s",
+                    index + 1, self.config.num_teachers,
+                    self.config.teacher_architecture, seed, path,
+                )
+                with self.strategy.scope():
+                    teacher = self.build_model(self.config.teacher_architecture, seed=seed)
+                self.fit(
+                    teacher, [], stage=f"teacher_{index}", seed=seed,
+                    epochs=self.config.teacher_epochs or self.config.epochs,
+                )
+                storage.save_model(teacher, path)
+            with self.strategy.scope():
+                teachers.append(self._load_teacher(path))
+        return teachers
+
+    # -- training --------------------------------------------------------------
+
+    def make_distiller(self, student, teachers, **overrides):
+        """A compiled-ready `FEEDDistiller` with the config's loss settings."""
+        settings = dict(
+            beta=self.config.beta,
+            kd_weight=self.config.kd_weight,
+            temperature=self.config.temperature,
+            student_layer=self.config.student_layer,
+            teacher_layers=self.config.teacher_layer,
+            translator_batchnorm=self.config.translator_batchnorm,
+            weight_decay=self.config.weight_decay,
+        )
+        settings.update(overrides)
+        with self.strategy.scope():
+            return distiller_lib.FEEDDistiller(student, teachers, **settings)
+
+    def fit(self, student, teachers, *, stage, seed=None, epochs=None, **overrides):
+        """Trains `student` from `teachers` (none: plain CE) and returns the distiller.
+
+        Args:
+          student: the model to train (updated in place).
+          teachers: frozen teachers; [] trains with cross-entropy alone.
+          stage: a name for logs (`logs/<stage>`) and messages.
+          seed: the data-order and augmentation seed (default `config.seed`).
+          epochs: default `config.epochs`.
+          **overrides: `FEEDDistiller` arguments that replace the config's.
+        """
+        config = self.config
+        seed = config.seed if seed is None else seed
+        epochs = epochs or config.epochs
+        steps = self.data.steps_per_epoch(config.batch_size)
+        distiller = self.make_distiller(student, teachers, **overrides)
+        with self.strategy.scope():
+            distiller.compile(
+                optimizer=make_optimizer(config, steps, epochs),
+                jit_compile=config.jit_compile,
+            )
+        train = self.data.train(config.batch_size, seed=seed)
+        validation = {}
+        if config.validation_freq:
+            validation = dict(
+                validation_data=self.data.test(config.eval_batch_size),
+                validation_freq=config.validation_freq,
+            )
+        callbacks = [
+            keras.callbacks.TensorBoard(
+                os.path.join(config.model_dir, "logs", stage), update_freq="epoch"
+            )
+        ]
+        verbose = config.verbose
+        if verbose is None:
+            verbose = 1 if sys.stdout.isatty() else 2
+        logging.info(
+            "Stage %s: %d epochs x %d steps, batch %d, %d teacher(s)",
+            stage, epochs, steps, config.batch_size, len(teachers),
+        )
+        start = time.time()
+        history = distiller.fit(
+            train,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=verbose,
+            **validation,
+        )
+        self.history[stage] = {
+            "epochs": epochs,
+            "wall_s": round(time.time() - start, 1),
+            "images_per_s": round(epochs * steps * config.batch_size / (time.time() - start), 1),
+            "last_epoch": {k: float(v[-1]) for k, v in history.history.items()},
+        }
+        return distiller
+
+    # -- evaluation and outputs ---------------------------------------------
+
+    def predict_probabilities(self, model):
+        """Softmax outputs of `model` on the test split, `(num_test, classes)`."""
+        images = self.data.test(self.config.eval_batch_size).map(lambda x, y: x)
+        logits = model.predict(images, verbose=0)
+        return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
+
+    def test_labels(self):
+        batches = self.data.test(self.config.eval_batch_size).map(lambda x, y: y)
+        return np.concatenate([labels.numpy() for labels in batches])
+
+    def evaluate(self, student, teachers):
+        """Test accuracy of the student, each teacher and the teachers' ensemble."""
+        labels = self.test_labels()
+
+        def accuracy(probabilities):
+            return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+        student_probabilities = self.predict_probabilities(student)
+        results = {
+            "student": {
+                "model": self.config.model,
+                "test_accuracy": accuracy(student_probabilities),
+                "parameters": int(student.count_params()),
+            },
+            "num_test": int(labels.shape[0]),
+        }
+        if teachers:
+            probabilities = [self.predict_probabilities(t) for t in teachers]
+            results["teachers"] = [
+                {"model": teacher.name, "test_accuracy": accuracy(p)}
+                for teacher, p in zip(teachers, probabilities)
+            ]
+            results["ensemble"] = {
+                "size": len(teachers),
+                "test_accuracy": accuracy(np.mean(probabilities, axis=0)),
+            }
+        return results
+
+    def write_outputs(self, student, distiller, teachers, extra=None):
+        """Saves the student, its export, the NTLs and `metrics.json`."""
+        model_dir = self.config.model_dir
+        metrics = self.evaluate(student, teachers)
+        metrics.update(
+            method=self.method.name,
+            dataset=self.info.name,
+            num_train=self.info.num_train,
+            config=dataclasses.asdict(self.config),
+            stages=self.history,
+        )
+        metrics.update(extra or {})
+        storage.save_model(student, os.path.join(model_dir, "student.keras"))
+        if distiller is not None and distiller.translators:
+            save_translators(distiller, os.path.join(model_dir, "translators.weights.h5"))
+        storage.export_saved_model(student, os.path.join(model_dir, "export"))
+        storage.write_json(os.path.join(model_dir, "metrics.json"), metrics)
+        return metrics
+
+
+class TranslatorBank(keras.Model):
+    """The NTLs of a distiller, as one model so their weights save together."""
+
+    def __init__(self, translators, **kwargs):
+        super().__init__(**kwargs)
+        self.translators = list(translators)
+        self.built = True
+
+
+def save_translators(distiller, path):
+    """Writes the NTLs' weights and, beside them, the shapes to rebuild them."""
+    bank = TranslatorBank(distiller.translators)
+    storage.save_weights(bank, path)
+    spec = [
+        {
+            "input_shape": list(distiller.student_feature_shape),
+            "config": translator.get_config(),
+        }
+        for translator in distiller.translators
+    ]
+    storage.write_json(path.replace(".weights.h5", ".json"), spec)
+
+
+def load_translators(path):
+    """Rebuilds the NTLs saved by `save_translators` and loads their weights."""
+    spec_path = path.replace(".weights.h5", ".json")
+    if not (os.path.isfile(path) and os.path.isfile(spec_path)):
+        raise ValueError(f"No saved NTLs at {path} (and {os.path.basename(spec_path)}).")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    translators = []
+    for entry in spec:
+        translator = translators_lib.Translator.from_config(entry["config"])
+        translator.build((None,) + tuple(entry["input_shape"]))
+        translators.append(translator)
+    TranslatorBank(translators).load_weights(path)
+    return translators
+
+
+def run(config, *, strategy=None):
+    """Runs the method named by `config.method`; returns the metrics written."""
+    from keras_feed import methods  # methods build on this module
+
+    method = methods.get(config.method)
+    experiment = Experiment(config, method, strategy=strategy)
+    keras.utils.set_random_seed(config.seed)
+    return method.run(experiment)
+

@@ -1,0 +1,134 @@
+"""Reading and writing models and results without ever leaving half a file.
+
+Every writer here writes to a temporary name beside its target and renames it
+into place, so a crash leaves either the old file or the new one, never a
+truncated file (or export folder) that looks complete.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+import keras
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, not a Keras model, or refused as unsafe."""
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, directory=False):
+    """Yields a temporary path beside `path`; renames it onto `path` on success.
+
+    On an exception the temporary file or folder is removed and `path` is left
+    as it was. For a folder, the old one is replaced only once the new one is
+    complete.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(path)
+    if directory:
+        temporary = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+    else:
+        handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+        os.close(handle)
+        os.unlink(temporary)
+        # Keep the suffix Keras checks for (".keras", ".weights.h5").
+        for suffix in (".weights.h5", ".keras", ".json", ".h5"):
+            if base.endswith(suffix):
+                temporary += suffix
+                break
+    try:
+        yield temporary
+        if directory:
+            retired = None
+            if os.path.exists(path):
+                retired = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+                os.rmdir(retired)
+                os.replace(path, retired)
+            os.replace(temporary, path)
+            if retired:
+                shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_json(path, data):
+    """Writes `data` as indented JSON to `path`, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+
+def save_model(model, path):
+    """Saves a `keras.Model` to a `.keras` file, atomically."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+
+
+def save_weights(layer_or_model, path):
+    """Saves weights to a `.weights.h5` file, atomically."""
+    with atomic_path(path) as temporary:
+        layer_or_model.save_weights(temporary)
+
+
+def export_saved_model(model, path):
+    """Exports `model` alone as a TensorFlow SavedModel folder, atomically.
+
+    The SavedModel has a `serving_default` signature and reloads with
+    `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`.
+    """
+    with atomic_path(path, directory=True) as temporary:
+        model.export(temporary, format="tf_saved_model", verbose=False)
+
+
+def load_model(path, *, unsafe=False):
+    """Loads a `.keras` model in Keras' safe mode, without compiling it.
+
+    Args:
+      path: a `.keras` file.
+      unsafe: allow files that carry code (Lambda layers); only for files you
+        trust.
+
+    Raises:
+      ModelFileError: one line naming the problem (missing file, not a Keras
+        model file, or refused because it carries code).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"Model file not found: {path}")
+    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
+        raise ModelFileError(f"Not a Keras model file (.keras archive): {path}")
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+    except ValueError as error:
+        if "safe_mode" in str(error) or "lambda" in str(error).lower():
+            raise ModelFileError(
+                f"Refusing to load {path}: it carries code (e.g. a Lambda layer); "
+                "pass --unsafe_load only if you trust it."
+            ) from None
+        raise ModelFileError(f"Cannot load {path} as a Keras model: {first_line(error)}") from None
+    except Exception as error:  # corrupt archives fail in many ways
+        raise ModelFileError(f"Cannot load {path} as a Keras model: {first_line(error)}") from None
+    if not isinstance(model, keras.Model):
+        raise ModelFileError(f"{path} holds a {type(model).__name__}, not a keras.Model.")
+    return model
+
+
+def first_line(error):
+    """The first non-empty line of an exception's message."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

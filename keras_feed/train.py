@@ -1,0 +1,105 @@
+"""keras-feed-train: train a student with FEED (or a baseline) from the command line.
+
+    keras-feed-train --flagfile=flags/quickstart.cfg
+    keras-feed-train --method=pfeed --dataset=cifar100 --model=resnet56 \\
+        --num_teachers=2 --model_dir=runs/r56
+
+Every flag can live in a flagfile (`--flagfile=...`, one `--name=value` a line).
+Bad flags, data or teacher files stop the run with one error line before
+anything is trained or written.
+"""
+
+import dataclasses
+
+from keras_feed import cli
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+# What to train.
+flags.DEFINE_string("method", "pfeed", "Training method: ce, pfeed (and those listed by --helpfull).")
+flags.DEFINE_string("model", "resnet56", "Student architecture (a keras_feed.models name).")
+flags.DEFINE_string("teacher_model", None, "Teacher architecture; default: the student's.")
+flags.DEFINE_list("teachers", [], "Comma-separated .keras files of trained teachers; empty: train --num_teachers of them.")
+flags.DEFINE_integer("num_teachers", 2, "Teachers to train when --teachers is empty.")
+flags.DEFINE_string("teacher_dir", None, "Where trained teachers are kept and reused; default: <model_dir>/teachers.")
+flags.DEFINE_integer("teacher_seed", 100, "Teacher i is trained with seed teacher_seed + i.")
+flags.DEFINE_integer("teacher_epochs", None, "Epochs for each teacher; default: --epochs.")
+flags.DEFINE_string("student_layer", "features", "Name of the student's feature-map layer.")
+flags.DEFINE_string("teacher_layer", "features", "Name of the teachers' feature-map layer.")
+flags.DEFINE_bool("translator_batchnorm", False, "BatchNorm inside the NTLs.")
+flags.DEFINE_bool("unsafe_load", False, "Allow teacher files that carry code (Lambda layers). Only for files you trust.")
+
+# Data.
+flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, imagenet2012, fashion_mnist, mnist (tfds or an IDX --data_dir), idx, folder, synthetic.")
+flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
+flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
+flags.DEFINE_integer("train_examples", None, "Train on a seeded subset of this many examples.")
+flags.DEFINE_integer("subset_seed", 0, "Seed choosing the --train_examples subset (the same for teachers and student).")
+
+# Recipe.
+flags.DEFINE_integer("epochs", 200, "Training epochs of the student.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("eval_batch_size", 256, "Batch size for evaluation.")
+flags.DEFINE_float("learning_rate", 0.1, "Initial learning rate (SGD).")
+flags.DEFINE_enum("lr_schedule", "step", ["step", "cosine"], "Learning-rate schedule.")
+flags.DEFINE_list("lr_decay_epochs", [], "Step schedule: epochs at which the rate is multiplied by --lr_decay_factor; default: 50% and 75% of the epochs.")
+flags.DEFINE_float("lr_decay_factor", 0.1, "Step schedule: the decay factor.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_bool("nesterov", False, "Nesterov momentum.")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay (added to the gradients).")
+flags.DEFINE_float("beta", 500.0, "Weight of the FEED terms.")
+flags.DEFINE_float("kd_weight", 0.0, "Weight of Hinton KD in [0, 1]; cross-entropy gets 1 - kd_weight.")
+flags.DEFINE_float("temperature", 4.0, "KD temperature.")
+flags.DEFINE_integer("seed", 0, "Seed of the student's initialisation, data order and augmentation.")
+flags.DEFINE_integer("validation_freq", 0, "Evaluate on the test split every N epochs during training (0: only at the end).")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+
+# Outputs.
+flags.DEFINE_string("model_dir", "runs/feed", "Where the student, export, metrics and logs are written.")
+flags.DEFINE_integer("verbose", None, "Keras fit verbosity (0, 1: bar, 2: a line an epoch); default: bar on a terminal.")
+
+
+def config_from_flags():
+    """The `TrainConfig` that the parsed flags describe."""
+    from keras_feed.experiment import TrainConfig
+
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in FLAGS:
+            continue
+        value = FLAGS[field.name].value
+        if field.name == "teachers":
+            value = tuple(value)
+        elif field.name == "lr_decay_epochs":
+            try:
+                value = tuple(int(epoch) for epoch in value)
+            except ValueError:
+                raise ValueError(f"--lr_decay_epochs must be whole numbers, got {','.join(value)}.") from None
+        values[field.name] = value
+    return TrainConfig(**values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+    def body():
+        from keras_feed import experiment
+
+        metrics = experiment.run(config_from_flags())
+        summary = [f"student {metrics['student']['test_accuracy']:.4f}"]
+        if "ensemble" in metrics:
+            summary.append(f"ensemble of {metrics['ensemble']['size']} {metrics['ensemble']['test_accuracy']:.4f}")
+        print(f"Test accuracy: {', '.join(summary)}. Outputs in {FLAGS.model_dir}")
+
+    cli.main_with_errors("keras-feed-train", body)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
