@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny functional models that build and train in milliseconds."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def tiny_net(name, *, width=8, classes=5, input_shape=(16, 16, 3), strides=1, seed=0):
+    """Conv-BN-ReLU("features") -> pool -> dense: a functional model with a feature layer."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(width, 3, strides=strides, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes)(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@pytest.fixture
+def learnable_task():
+    """Images whose class is set by which colour channel is bright: learnable quickly."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=256)
+    images = rng.normal(0, 0.5, size=(256, 16, 16, 3)).astype("float32")
+    for index, label in enumerate(labels):
+        if label < 3:
+            images[index, :, :, label] += 1.0
+        else:
+            images[index] -= 0.7
+    return images, labels.astype("int32")
