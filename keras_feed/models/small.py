@@ -1,0 +1,55 @@
+"""Small, fast CNNs for MNIST-like 28x28x1 inputs (smoke tests, CPU demos).
+
+``small_cnn``: three blocks ``Conv3x3 -> BN -> ReLU`` with 32, 64 and 128
+channels and a 2x2 max-pool after the first two blocks (28 -> 14 -> 7), so
+the ``"features"`` layer (ReLU of the third block) is ``(7, 7, 128)`` on
+28x28 inputs (``(8, 8, 128)`` on 32x32). ~93k parameters.
+
+``small_cnn_wide``: the same with doubled widths (64/128/256, features
+``(7, 7, 256)``), ~370k parameters; a bigger teacher for ``small_cnn``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+from keras import layers
+
+from keras_feed.models import common
+from keras_feed.models.registry import register
+
+
+def small_cnn_model(
+    input_shape: Sequence[Optional[int]],
+    num_classes: int,
+    *,
+    widths: Sequence[int] = (32, 64, 128),
+    name: str = "small_cnn",
+) -> keras.Model:
+    """Plain CNN: conv-BN-ReLU blocks, 2x2 max-pool between blocks."""
+    inputs = common.model_input(input_shape)
+    x = inputs
+    for i, filters in enumerate(widths):
+        last = i == len(widths) - 1
+        x = common.conv_bn(x, filters, 3, name=f"block{i + 1}")
+        x = common.relu(
+            x, name=common.FEATURES_LAYER if last else f"block{i + 1}_relu"
+        )
+        if not last:
+            x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x)
+    return common.classifier(inputs, x, num_classes, name=name)
+
+
+@register("small_cnn")
+def small_cnn(input_shape, num_classes):
+    """32/64/128-channel CNN, features (7, 7, 128) on 28x28."""
+    return small_cnn_model(input_shape, num_classes, name="small_cnn")
+
+
+@register("small_cnn_wide")
+def small_cnn_wide(input_shape, num_classes):
+    """64/128/256-channel CNN, features (7, 7, 256) on 28x28."""
+    return small_cnn_model(
+        input_shape, num_classes, widths=(64, 128, 256), name="small_cnn_wide"
+    )
