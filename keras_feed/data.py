@@ -730,7 +730,7 @@ class Data:
             )
         return self.info.num_train // batch_size
 
-    def train(self, batch_size, *, start_epoch=0, skip_batches=0, augment=True):
+    def train(self, batch_size, *, seed=None, start_epoch=0, skip_batches=0, augment=True):
         """Infinite, shuffled, augmented training batches (drop_remainder).
 
         ``Dataset.counter(start_epoch).flat_map(one epoch)``: every epoch holds
@@ -738,7 +738,8 @@ class Data:
         ``(seed, epoch)``.  ``skip_batches`` drops the first batches of
         ``start_epoch`` (values >= steps_per_epoch roll over into later
         epochs), so ``train(b, start_epoch=e, skip_batches=k)`` continues an
-        interrupted run exactly.
+        interrupted run exactly. ``seed`` replaces the dataset's seed for this
+        pipeline (e.g. one seed per teacher over the same subset).
         """
         steps = self.steps_per_epoch(batch_size)
         start_epoch = _check_int(start_epoch, "start_epoch", 0)
@@ -746,7 +747,9 @@ class Data:
         start_epoch += skip_batches // steps
         skip_batches %= steps
         per_epoch = steps * batch_size
-        base_key = self._base_key
+        base_key = (
+            self._base_key if seed is None else tf.constant([int(seed), _SALT], tf.int64)
+        )
 
         if self._kind in ("array", "files"):
             n = tf.constant(self.info.num_train - 1, tf.int64)

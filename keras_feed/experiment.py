@@ -162,7 +162,8 @@ class Experiment:
             config.dataset,
             data_dir=config.data_dir,
             train_examples=config.train_examples,
-            seed=config.subset_seed,
+            seed=config.seed,
+            subset_seed=config.subset_seed,
             image_size=config.image_size,
         )
         self.info = self.data.info

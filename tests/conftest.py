@@ -33,3 +33,9 @@ def learnable_task():
         else:
             images[index] -= 0.7
     return images, labels.astype("int32")
+
+
+def pytest_configure(config):
+    # Third-party deprecation noise (Keras' numpy bridge, tf.data adapters) hides real output.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`shuffle=True` was passed:UserWarning")

@@ -1,0 +1,143 @@
+"""End to end: the commands on tiny synthetic data, and their one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_feed import experiment
+from keras_feed import storage
+
+TINY = dict(
+    dataset="synthetic",
+    model="resnet8",
+    train_examples=128,
+    batch_size=32,
+    epochs=1,
+    teacher_epochs=1,
+    learning_rate=0.05,
+    eval_batch_size=64,
+    verbose=0,
+)
+
+
+@pytest.fixture(scope="module")
+def pfeed_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("pfeed"))
+    config = experiment.TrainConfig(method="pfeed", num_teachers=2, model_dir=model_dir, **TINY)
+    metrics = experiment.run(config)
+    return model_dir, metrics
+
+
+def snapshot(folder):
+    """Every file below `folder` with its size and modification time."""
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+    return state
+
+
+def test_pfeed_run_writes_every_output(pfeed_run):
+    model_dir, metrics = pfeed_run
+    for name in ("student.keras", "metrics.json", "translators.weights.h5", "teachers/teacher_0.keras",
+                 "teachers/teacher_1.keras", "export/saved_model.pb"):
+        assert os.path.exists(os.path.join(model_dir, name)), name
+    assert os.listdir(os.path.join(model_dir, "logs"))
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        written = json.load(handle)
+    assert written["method"] == "pfeed"
+    assert 0.0 <= written["student"]["test_accuracy"] <= 1.0
+    assert len(written["teachers"]) == 2 and written["ensemble"]["size"] == 2
+    assert set(written["stages"]) == {"teacher_0", "teacher_1", "student"}
+    assert "feed_loss_1" in written["stages"]["student"]["last_epoch"]
+    assert written == json.loads(json.dumps(metrics))
+
+
+def test_export_holds_the_student_alone_and_matches(pfeed_run):
+    model_dir, _ = pfeed_run
+    student = storage.load_model(os.path.join(model_dir, "student.keras"))
+    layer = keras.layers.TFSMLayer(os.path.join(model_dir, "export"), call_endpoint="serving_default")
+    images = np.random.default_rng(0).normal(size=(8,) + tuple(student.inputs[0].shape[1:])).astype("float32")
+    outputs = layer(images)
+    exported = next(iter(outputs.values())) if isinstance(outputs, dict) else outputs
+    np.testing.assert_allclose(np.asarray(exported), student.predict(images, verbose=0), atol=1e-5)
+    exported_count = sum(int(np.prod(v.shape)) for v in layer.weights)
+    assert exported_count == student.count_params()
+
+
+def test_rerun_reuses_trained_teachers(pfeed_run, tmp_path):
+    model_dir, _ = pfeed_run
+    before = snapshot(os.path.join(model_dir, "teachers"))
+    config = experiment.TrainConfig(
+        method="pfeed", num_teachers=2, teacher_dir=os.path.join(model_dir, "teachers"),
+        model_dir=str(tmp_path), **TINY
+    )
+    metrics = experiment.run(config)
+    assert set(metrics["stages"]) == {"student"}
+    assert snapshot(os.path.join(model_dir, "teachers")) == before
+
+
+def run_command(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", f"keras_feed.{module}", *args],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_eval_and_export_commands(pfeed_run, tmp_path):
+    model_dir, metrics = pfeed_run
+    student_path = os.path.join(model_dir, "student.keras")
+    result = run_command("evaluate", f"--model_path={student_path}", "--dataset=synthetic")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["accuracy"] == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)
+    export_dir = str(tmp_path / "served")
+    result = run_command("export", f"--student={student_path}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr
+    result = run_command("evaluate", f"--model_path={export_dir}", "--dataset=synthetic")
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
+
+
+BAD_INPUTS = [
+    (["--model=resnet9000"], "resnet9000"),
+    (["--dataset=nosuchdata"], "nosuchdata"),
+    (["--method=magic"], "magic"),
+    (["--teachers=/nonexistent/teacher.keras"], "/nonexistent/teacher.keras"),
+    (["--student_layer=nope"], "nope"),
+    (["--dataset=idx", "--data_dir=/nonexistent/idx"], "/nonexistent/idx"),
+    (["--batch_size=0"], "batch_size"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD_INPUTS)
+def test_bad_input_is_one_line_and_changes_nothing(pfeed_run, args, named):
+    model_dir, _ = pfeed_run
+    before = snapshot(model_dir)
+    base = ["--dataset=synthetic", "--model=resnet8", "--epochs=1", f"--model_dir={model_dir}"]
+    result = run_command("train", *base, *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines and named in lines[-1] and lines[-1].startswith("keras-feed-train: error:"), result.stderr
+    assert snapshot(model_dir) == before
+
+
+def test_teacher_with_wrong_class_count(pfeed_run, tmp_path):
+    model_dir, _ = pfeed_run
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.ReLU(name="features")(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    path = str(tmp_path / "three_classes.keras")
+    keras.Model(inputs, outputs).save(path)
+    result = run_command("train", "--dataset=synthetic", "--model=resnet8", f"--teachers={path}",
+                         f"--model_dir={tmp_path / 'out'}")
+    assert result.returncode == 1
+    assert "3 classes" in result.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "out")
