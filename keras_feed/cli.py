@@ -6,12 +6,9 @@ import sys
 # Before TensorFlow loads: keep its C++ start-up chatter out of the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import logging  # noqa: E402
-
 
 def main_with_errors(program, body):
     """Runs `body()`; a `ValueError` or `OSError` becomes one line and exit 1."""
-    logging.set_verbosity(logging.INFO)
     try:
         return body()
     except (ValueError, OSError) as error:

@@ -23,7 +23,6 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from keras_feed import data as data_lib
 from keras_feed import distiller as distiller_lib
@@ -82,6 +81,11 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("step", "cosine")
+
+
+def say(message, *args):
+    """A progress line on stderr, for the person watching a run."""
+    print("[keras-feed] " + (message % args if args else message), file=sys.stderr, flush=True)
 
 
 def check_config(config, method):
@@ -242,10 +246,10 @@ class Experiment:
         for index in range(self.config.num_teachers):
             path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
             if os.path.isfile(path):
-                logging.info("Reusing teacher %d from %s", index, path)
+                say("Reusing teacher %d from %s", index, path)
             else:
                 seed = self.config.teacher_seed + index
-                logging.info(
+                say(
                     "Training teacher %d/%d (%s, seed %d) -> %s",
                     index + 1, self.config.num_teachers,
                     self.config.teacher_architecture, seed, path,
@@ -314,7 +318,7 @@ class Experiment:
         verbose = config.verbose
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        logging.info(
+        say(
             "Stage %s: %d epochs x %d steps, batch %d, %d teacher(s)",
             stage, epochs, steps, config.batch_size, len(teachers),
         )
@@ -325,6 +329,7 @@ class Experiment:
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=verbose,
+            shuffle=False,  # the pipeline shuffles, seeded per epoch
             **validation,
         )
         self.history[stage] = {
