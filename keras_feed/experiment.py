@@ -337,6 +337,7 @@ class Experiment:
             "wall_s": round(time.time() - start, 1),
             "images_per_s": round(epochs * steps * config.batch_size / (time.time() - start), 1),
             "last_epoch": {k: float(v[-1]) for k, v in history.history.items()},
+            "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         }
         return distiller
 
