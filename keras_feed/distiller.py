@@ -58,6 +58,28 @@ def feature_extractor(model, layer_name, *, name):
     return keras.Model(inputs, [logits, features], name=name)
 
 
+def add_weight_decay(optimizer, gradients, variables, weight_decay):
+    """Coupled L2 decay: g + weight_decay * w, as SGD's `weight_decay` does.
+
+    The gradients are those of the replica's scaled loss (`optimizer.scale_loss`
+    of loss / num_replicas), so the decay is scaled the same way: once summed
+    over replicas and unscaled by the optimizer, each variable gets exactly
+    `weight_decay * w` added to its gradient.
+    """
+    scale = tf.cast(
+        optimizer.scale_loss(tf.constant(1.0))
+        / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32),
+        tf.float32,
+    )
+    return [
+        None
+        if gradient is None
+        else gradient
+        + tf.cast(scale * weight_decay, gradient.dtype) * tf.cast(variable, gradient.dtype)
+        for gradient, variable in zip(gradients, variables)
+    ]
+
+
 def _as_list(value, count, what):
     if isinstance(value, str):
         return [value] * count
@@ -303,25 +325,11 @@ class FEEDDistiller(keras.Model):
             scaled_loss = self.optimizer.scale_loss(replica_loss)
         gradients = tape.gradient(scaled_loss, variables)
         if self.weight_decay:
-            gradients = self._add_weight_decay(gradients, variables)
+            gradients = add_weight_decay(
+                self.optimizer, gradients, variables, self.weight_decay
+            )
         self.optimizer.apply_gradients(zip(gradients, variables))
         return self._update_metrics(terms, labels, logits)
-
-    def _add_weight_decay(self, gradients, variables):
-        """g + weight_decay * w, in the scale of the (possibly scaled) gradients."""
-        scale = tf.cast(
-            self.optimizer.scale_loss(tf.constant(1.0))
-            / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32),
-            tf.float32,
-        )
-        return [
-            None
-            if gradient is None
-            else gradient
-            + tf.cast(scale * self.weight_decay, gradient.dtype)
-            * tf.cast(variable, gradient.dtype)
-            for gradient, variable in zip(gradients, variables)
-        ]
 
     def test_step(self, data):
         """The student's own metrics (`loss` = `ce_loss`, `accuracy`) on a batch.

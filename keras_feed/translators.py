@@ -164,3 +164,67 @@ def translator_for(student_shape, teacher_shape, *, out_channels=None, batchnorm
     )
     translator.build((None,) + tuple(student_shape))
     return translator
+
+
+@keras.saving.register_keras_serializable(package="keras_feed")
+class Paraphraser(keras.Model):
+    """Factor Transfer's paraphraser: an autoencoder of a teacher's feature map.
+
+    The encoder is three 3x3 convolutions `C -> C -> k*C -> k*C` (k = `rate`),
+    the decoder three 3x3 transposed convolutions back to `C`, each followed by
+    LeakyReLU(0.1). It is trained to reconstruct the (frozen) teacher's map,
+    then frozen; its encoder's output is the teacher's *factor*, which the
+    student's translator learns to match.
+
+    Args:
+      channels: channels C of the teacher's map.
+      rate: the paraphrase rate k in (0, 1]; the factor has `max(1, round(k*C))`
+        channels.
+      batchnorm: BatchNorm after each convolution.
+    """
+
+    def __init__(self, channels, *, rate=0.5, batchnorm=False, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"The paraphrase rate must lie in (0, 1], got {rate}.")
+        self.channels = int(channels)
+        self.rate = float(rate)
+        self.batchnorm = bool(batchnorm)
+        self.factor_channels = max(1, int(round(rate * channels)))
+        encoder_plan = (self.channels, self.factor_channels, self.factor_channels)
+        decoder_plan = (self.factor_channels, self.channels, self.channels)
+        self.encoder = keras.Sequential(
+            [
+                layer
+                for index, filters in enumerate(encoder_plan)
+                for layer in _conv_block(filters, batchnorm=batchnorm, name=f"encoder{index}")
+            ],
+            name="encoder",
+        )
+        self.decoder = keras.Sequential(
+            [
+                layer
+                for index, filters in enumerate(decoder_plan)
+                for layer in _conv_block(
+                    filters, batchnorm=batchnorm, transpose=True, name=f"decoder{index}"
+                )
+            ],
+            name="decoder",
+        )
+
+    def build(self, input_shape):
+        self.encoder.build(input_shape)
+        self.decoder.build(self.encoder.compute_output_shape(input_shape))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        """The reconstruction of `inputs` (a teacher map)."""
+        return self.decoder(self.encoder(inputs, training=training), training=training)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "rate": self.rate,
+            "batchnorm": self.batchnorm,
+        }
