@@ -69,6 +69,10 @@ class TrainConfig:
     validation_freq: int = 0  # evaluate on the test split every N epochs; 0: never
     jit_compile: bool = False
     unsafe_load: bool = False
+    generations: int = 2  # sfeed: born-again generations after generation 0
+    ft_rate: float = 0.5  # ft: paraphrase rate k (factor channels = k * C)
+    paraphraser_epochs: int = 10  # ft: epochs of each paraphraser's pre-training
+    dry_run: bool = False  # validate and print the plan, train nothing
     verbose: int | None = None  # Keras fit verbosity; default: bar on a tty
 
     @property
@@ -175,6 +179,8 @@ class Experiment:
         self.input_shape = tuple(self.info.image_shape)
         self.num_classes = self.info.num_classes
         self.history = {}
+        self.teacher_paths = []
+        self._test_labels = None
         self._check_models()
 
     # -- validation before anything is written ------------------------------
@@ -237,33 +243,71 @@ class Experiment:
         """The frozen teachers: loaded from `config.teachers`, or trained with CE.
 
         Trained teachers are saved to `teacher_folder/teacher_<i>.keras`, and a
-        teacher file already there is reused rather than trained again.
+        teacher file already there is reused rather than trained again. The
+        files used are recorded in `teacher_paths` (and in `metrics.json`).
         """
-        if self.config.teachers:
-            with self.strategy.scope():
-                return [self._load_teacher(path) for path in self.config.teachers]
-        teachers = []
-        for index in range(self.config.num_teachers):
-            path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
-            if os.path.isfile(path):
-                say("Reusing teacher %d from %s", index, path)
-            else:
-                seed = self.config.teacher_seed + index
-                say(
-                    "Training teacher %d/%d (%s, seed %d) -> %s",
-                    index + 1, self.config.num_teachers,
-                    self.config.teacher_architecture, seed, path,
-                )
-                with self.strategy.scope():
-                    teacher = self.build_model(self.config.teacher_architecture, seed=seed)
-                self.fit(
-                    teacher, [], stage=f"teacher_{index}", seed=seed,
+        paths = list(self.config.teachers)
+        if not paths:
+            for index in range(self.config.num_teachers):
+                path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
+                self.train_with_ce(
+                    path,
+                    self.config.teacher_architecture,
+                    seed=self.config.teacher_seed + index,
+                    stage=f"teacher_{index}",
                     epochs=self.config.teacher_epochs or self.config.epochs,
+                    what=f"teacher {index + 1}/{self.config.num_teachers}",
                 )
-                storage.save_model(teacher, path)
+                paths.append(path)
+        self.teacher_paths = paths
+        with self.strategy.scope():
+            return [self._load_teacher(path) for path in paths]
+
+    def load_frozen(self, path):
+        """A trained model from `path`, frozen, inside the strategy's scope."""
+        with self.strategy.scope():
+            return self._load_teacher(path)
+
+    def train_paraphraser(self, teacher, index):
+        """Factor Transfer's paraphraser for `teacher`: trained once, then reused.
+
+        Its weights are kept in `<model_dir>/paraphrasers/paraphraser_<i>.weights.h5`.
+        """
+        from keras_feed import factor_transfer
+
+        config = self.config
+        path = os.path.join(config.model_dir, "paraphrasers", f"paraphraser_{index}.weights.h5")
+        with self.strategy.scope():
+            paraphraser = factor_transfer.new_paraphraser(
+                teacher, teacher_layer=config.teacher_layer, rate=config.ft_rate,
+                batchnorm=config.translator_batchnorm, name=f"paraphraser_{index}",
+            )
+        if os.path.isfile(path):
+            say("Reusing paraphraser %d from %s", index, path)
+            paraphraser.load_weights(path)
+        else:
+            say("Training paraphraser %d (rate %.2f, %d epochs)", index, config.ft_rate,
+                config.paraphraser_epochs)
             with self.strategy.scope():
-                teachers.append(self._load_teacher(path))
-        return teachers
+                trainer = factor_transfer.ParaphraserTrainer(
+                    teacher, paraphraser, teacher_layer=config.teacher_layer,
+                    weight_decay=config.weight_decay,
+                )
+            self.fit_model(trainer, stage=f"paraphraser_{index}", epochs=config.paraphraser_epochs)
+            storage.save_weights(paraphraser, path)
+        paraphraser.trainable = False
+        return paraphraser
+
+    def train_with_ce(self, path, architecture, *, seed, stage, epochs, what):
+        """Trains a fresh `architecture` with cross-entropy into `path`, unless it exists."""
+        if os.path.isfile(path):
+            say("Reusing %s from %s", what, path)
+            return
+        say("Training %s (%s, seed %d) -> %s", what, architecture, seed, path)
+        with self.strategy.scope():
+            model = self.build_model(architecture, seed=seed)
+        self.fit(model, [], stage=stage, seed=seed, epochs=epochs)
+        storage.save_model(model, path)
 
     # -- training --------------------------------------------------------------
 
@@ -293,19 +337,33 @@ class Experiment:
           epochs: default `config.epochs`.
           **overrides: `FEEDDistiller` arguments that replace the config's.
         """
+        distiller = self.make_distiller(student, teachers, **overrides)
+        self.fit_model(distiller, stage=stage, seed=seed, epochs=epochs, validate=True)
+        return distiller
+
+    def fit_model(self, model, *, stage, seed=None, epochs=None, validate=False):
+        """Compiles `model` (a trainer such as `FEEDDistiller`) and fits it on the data.
+
+        Args:
+          model: a `keras.Model` with its own `train_step`, built in the scope.
+          stage: a name for logs (`logs/<stage>`), messages and `metrics.json`.
+          seed: the data-order and augmentation seed (default `config.seed`).
+          epochs: default `config.epochs`.
+          validate: evaluate on the test split every `config.validation_freq`
+            epochs (the model needs a `test_step`).
+        """
         config = self.config
         seed = config.seed if seed is None else seed
         epochs = epochs or config.epochs
         steps = self.data.steps_per_epoch(config.batch_size)
-        distiller = self.make_distiller(student, teachers, **overrides)
         with self.strategy.scope():
-            distiller.compile(
+            model.compile(
                 optimizer=make_optimizer(config, steps, epochs),
                 jit_compile=config.jit_compile,
             )
         train = self.data.train(config.batch_size, seed=seed)
         validation = {}
-        if config.validation_freq:
+        if validate and config.validation_freq:
             validation = dict(
                 validation_data=self.data.test(config.eval_batch_size),
                 validation_freq=config.validation_freq,
@@ -318,12 +376,9 @@ class Experiment:
         verbose = config.verbose
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        say(
-            "Stage %s: %d epochs x %d steps, batch %d, %d teacher(s)",
-            stage, epochs, steps, config.batch_size, len(teachers),
-        )
+        say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps, config.batch_size)
         start = time.time()
-        history = distiller.fit(
+        history = model.fit(
             train,
             epochs=epochs,
             steps_per_epoch=steps,
@@ -332,14 +387,14 @@ class Experiment:
             shuffle=False,  # the pipeline shuffles, seeded per epoch
             **validation,
         )
+        elapsed = time.time() - start
         self.history[stage] = {
             "epochs": epochs,
-            "wall_s": round(time.time() - start, 1),
-            "images_per_s": round(epochs * steps * config.batch_size / (time.time() - start), 1),
+            "wall_s": round(elapsed, 1),
+            "images_per_s": round(epochs * steps * config.batch_size / elapsed, 1),
             "last_epoch": {k: float(v[-1]) for k, v in history.history.items()},
             "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         }
-        return distiller
 
     # -- evaluation and outputs ---------------------------------------------
 
@@ -350,15 +405,23 @@ class Experiment:
         return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
 
     def test_labels(self):
-        batches = self.data.test(self.config.eval_batch_size).map(lambda x, y: y)
-        return np.concatenate([labels.numpy() for labels in batches])
+        """The test split's labels, in the order `predict_probabilities` uses."""
+        if self._test_labels is None:
+            batches = self.data.test(self.config.eval_batch_size).map(lambda x, y: y)
+            self._test_labels = np.concatenate([labels.numpy() for labels in batches])
+        return self._test_labels
+
+    def accuracy_of(self, model_or_probabilities):
+        """Top-1 test accuracy of a model, or of its predicted probabilities."""
+        probabilities = model_or_probabilities
+        if isinstance(probabilities, keras.Model):
+            probabilities = self.predict_probabilities(probabilities)
+        return float(np.mean(np.argmax(probabilities, axis=1) == self.test_labels()))
 
     def evaluate(self, student, teachers):
         """Test accuracy of the student, each teacher and the teachers' ensemble."""
         labels = self.test_labels()
-
-        def accuracy(probabilities):
-            return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+        accuracy = self.accuracy_of
 
         student_probabilities = self.predict_probabilities(student)
         results = {
@@ -391,6 +454,7 @@ class Experiment:
             num_train=self.info.num_train,
             config=dataclasses.asdict(self.config),
             stages=self.history,
+            teacher_paths=[os.path.abspath(path) for path in self.teacher_paths],
         )
         metrics.update(extra or {})
         storage.save_model(student, os.path.join(model_dir, "student.keras"))

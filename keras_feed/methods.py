@@ -6,6 +6,10 @@ builds models, fits and writes the outputs). `keras-feed-train --method=NAME`
 looks the method up here; adding one is writing a class and registering it.
 """
 
+import os
+
+from keras_feed import experiment as experiment_lib
+from keras_feed import storage
 from keras_feed import translators as translators_lib
 
 _METHODS = {}
@@ -75,3 +79,129 @@ class ParallelFEED(Method):
         student = experiment.build_student()
         distiller = experiment.fit(student, teachers, stage="student")
         return experiment.write_outputs(student, distiller, teachers)
+
+
+@register
+class KnowledgeDistillation(Method):
+    """Hinton KD from one or several teachers: the logit-level ensemble baseline.
+
+    L = (1 - kd_weight) * CE + kd_weight * T^2 * KL(mean_n softmax(t_n/T) || softmax(s/T)).
+    No NTLs are built.
+    """
+
+    name = "kd"
+
+    def check(self, config):
+        if not 0.0 < config.kd_weight <= 1.0:
+            raise ValueError(
+                f"--method=kd needs --kd_weight in (0, 1] (the weight of the KD term), got {config.kd_weight}."
+            )
+
+    def check_shapes(self, student_shape, teacher_shape):
+        """KD compares logits only: any feature maps will do."""
+
+    def run(self, experiment):
+        teachers = experiment.teachers()
+        student = experiment.build_student()
+        distiller = experiment.fit(student, teachers, stage="student", beta=0.0)
+        return experiment.write_outputs(student, distiller, teachers)
+
+
+@register
+class FactorTransfer(Method):
+    """Factor Transfer (Kim, Park & Kwak, 2018), one paraphraser per teacher.
+
+    Each teacher's map is paraphrased by an autoencoder pre-trained to
+    reconstruct it (`--paraphraser_epochs`, rate `--ft_rate`), then frozen; a
+    translator on the student learns to match each factor:
+    L = CE + beta * sum_n || F_Tn/||F_Tn|| - F_Sn/||F_Sn|| ||_1.
+    """
+
+    name = "ft"
+
+    def check(self, config):
+        if not 0.0 < config.ft_rate <= 1.0:
+            raise ValueError(f"--ft_rate must lie in (0, 1], got {config.ft_rate}.")
+        if config.paraphraser_epochs < 1:
+            raise ValueError(
+                f"--paraphraser_epochs must be >= 1, got {config.paraphraser_epochs}."
+            )
+
+    def run(self, experiment):
+        teachers = experiment.teachers()
+        paraphrasers = [
+            experiment.train_paraphraser(teacher, index)
+            for index, teacher in enumerate(teachers)
+        ]
+        student = experiment.build_student()
+        distiller = experiment.fit(
+            student,
+            teachers,
+            stage="student",
+            teacher_transforms=[p.encoder for p in paraphrasers],
+            translator_channels=[p.factor_channels for p in paraphrasers],
+            feature_term="ft_loss",
+        )
+        return experiment.write_outputs(
+            student, distiller, teachers, {"ft_rate": experiment.config.ft_rate}
+        )
+
+
+@register
+class SequentialFEED(Method):
+    """Sequential FEED: a born-again chain of same-architecture students.
+
+    Generation 0 is trained with cross-entropy (or is `--teachers`' first file);
+    generation g = 1..`--generations`, a fresh network of `--model`, learns from
+    generation g-1 through one NTL with the FEED loss. Every generation is saved
+    as `generations/gen_<g>.keras`; the last one is the student.
+    """
+
+    name = "sfeed"
+
+    def check(self, config):
+        if config.generations < 1:
+            raise ValueError(f"--generations must be >= 1, got {config.generations}.")
+        if len(config.teachers) > 1:
+            raise ValueError(
+                f"--method=sfeed starts from one network; --teachers names {len(config.teachers)}."
+            )
+
+    def run(self, experiment):
+        config = experiment.config
+        folder = os.path.join(config.model_dir, "generations")
+        previous = os.path.join(folder, "gen_0.keras")
+        if config.teachers:
+            previous = config.teachers[0]
+        else:
+            experiment.train_with_ce(
+                previous, config.model, seed=config.seed, stage="gen_0",
+                epochs=config.epochs, what="generation 0",
+            )
+        paths = [previous]
+        for generation in range(1, config.generations + 1):
+            path = os.path.join(folder, f"gen_{generation}.keras")
+            teacher = experiment.load_frozen(previous)
+            if os.path.isfile(path) and generation < config.generations:
+                experiment_lib.say("Reusing generation %d from %s", generation, path)
+            else:
+                student = experiment.build_student(seed=config.seed + generation)
+                distiller = experiment.fit(student, [teacher], stage=f"gen_{generation}")
+                storage.save_model(student, path)
+            paths.append(path)
+            previous = path
+        experiment.teacher_paths = [paths[-2]]
+        generation_accuracies = [
+            experiment.accuracy_of(experiment.load_frozen(p)) for p in paths
+        ]
+        return experiment.write_outputs(
+            student,
+            distiller,
+            [teacher],
+            {
+                "generations": [
+                    {"generation": g, "path": os.path.abspath(p), "test_accuracy": a}
+                    for g, (p, a) in enumerate(zip(paths, generation_accuracies))
+                ]
+            },
+        )

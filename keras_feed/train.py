@@ -18,7 +18,7 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 # What to train.
-flags.DEFINE_string("method", "pfeed", "Training method: ce, pfeed (and those listed by --helpfull).")
+flags.DEFINE_string("method", "pfeed", "Training method: ce, pfeed, sfeed, kd, ft (pfeed with --kd_weight > 0: FEED + KD).")
 flags.DEFINE_string("model", "resnet56", "Student architecture (a keras_feed.models name).")
 flags.DEFINE_string("teacher_model", None, "Teacher architecture; default: the student's.")
 flags.DEFINE_list("teachers", [], "Comma-separated .keras files of trained teachers; empty: train --num_teachers of them.")
@@ -55,6 +55,12 @@ flags.DEFINE_float("temperature", 4.0, "KD temperature.")
 flags.DEFINE_integer("seed", 0, "Seed of the student's initialisation, data order and augmentation.")
 flags.DEFINE_integer("validation_freq", 0, "Evaluate on the test split every N epochs during training (0: only at the end).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+
+# Sequential FEED and Factor Transfer.
+flags.DEFINE_integer("generations", 2, "sfeed: born-again generations distilled after generation 0.")
+flags.DEFINE_float("ft_rate", 0.5, "ft: paraphrase rate k in (0, 1]; the factor has k * C channels.")
+flags.DEFINE_integer("paraphraser_epochs", 10, "ft: epochs of each paraphraser's reconstruction pre-training.")
+flags.DEFINE_bool("dry_run", False, "Validate the flags, build the models and the data spec, print the plan, train nothing.")
 
 # Outputs.
 flags.DEFINE_string("model_dir", "runs/feed", "Where the student, export, metrics and logs are written.")
