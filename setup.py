@@ -28,6 +28,7 @@ setuptools.setup(
             "keras-feed-train=keras_feed.train:run",
             "keras-feed-eval=keras_feed.evaluate:run",
             "keras-feed-export=keras_feed.export:run",
+            "keras-feed-analyze=keras_feed.analyze:run",
         ]
     },
 )

@@ -1114,3 +1114,43 @@ def _load_imagenet(data_dir, train_examples, seed, subset_seed, size):
     )
     return Data(info_out, seed=seed, train_indices=idx, flip=True, source=source,
                 channels=3)
+
+
+#: What the TFDS datasets hold, for describing a run without downloading them.
+_TFDS_INFO = {
+    "cifar10": (10, (32, 32, 3), 50000, 10000, CIFAR10_MEAN, CIFAR10_STD, "cifar"),
+    "cifar100": (100, (32, 32, 3), 50000, 10000, CIFAR100_MEAN, CIFAR100_STD, "cifar"),
+    "mnist": (10, (28, 28, 1), 60000, 10000, (0.1307,), (0.3081,), "cifar"),
+    "fashion_mnist": (10, (28, 28, 1), 60000, 10000, (0.2860,), (0.3530,), "cifar"),
+    "imagenet2012": (1000, (224, 224, 3), 1281167, 50000, IMAGENET_MEAN, IMAGENET_STD, "imagenet"),
+}
+
+
+def describe(name, *, data_dir=None, train_examples=None, image_size=None):
+    """A dataset's `DatasetInfo` without downloading it (for plans and dry runs).
+
+    TFDS datasets without local files are described from their known sizes;
+    local sources (IDX, folder, synthetic) are loaded and validated as `load`
+    does. Raises `DataError` like `load`.
+    """
+    key = _norm_name(name)
+    local = data_dir is not None and key in ("mnist", "fashion_mnist") and os.path.isdir(
+        os.path.expanduser(os.fspath(data_dir))
+    ) and _has_idx_files(os.path.expanduser(os.fspath(data_dir)))
+    if key not in _TFDS_INFO or local:
+        return load(name, data_dir=data_dir, train_examples=train_examples,
+                    image_size=image_size).info
+    classes, shape, num_train, num_test, mean, std, augment = _TFDS_INFO[key]
+    if train_examples is not None:
+        train_examples = _check_int(train_examples, "train_examples", 1)
+        if train_examples > num_train:
+            raise DataError(
+                f"train_examples={train_examples} exceeds the {num_train} training "
+                f"examples of '{key}'"
+            )
+        num_train = train_examples
+    size = _norm_image_size(image_size)
+    if size is not None:
+        shape = tuple(size) + (shape[-1],)
+    return DatasetInfo(name=key, num_classes=classes, image_shape=shape, num_train=num_train,
+                       num_test=num_test, mean=tuple(mean), std=tuple(std), augment=augment)

@@ -166,16 +166,30 @@ class Experiment:
         self.method = method
         self.strategy = strategy or tf.distribute.get_strategy()
         check_config(config, method)
-        self.data = data_lib.load(
-            config.dataset,
-            data_dir=config.data_dir,
-            train_examples=config.train_examples,
-            seed=config.seed,
-            subset_seed=config.subset_seed,
-            image_size=config.image_size,
-        )
-        self.info = self.data.info
-        self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
+        if config.dry_run:  # describe the data, never download or read it all
+            self.data = None
+            self.info = data_lib.describe(
+                config.dataset,
+                data_dir=config.data_dir,
+                train_examples=config.train_examples,
+                image_size=config.image_size,
+            )
+            if config.batch_size > self.info.num_train:
+                raise ValueError(
+                    f"--batch_size={config.batch_size} exceeds the {self.info.num_train} "
+                    "training examples."
+                )
+        else:
+            self.data = data_lib.load(
+                config.dataset,
+                data_dir=config.data_dir,
+                train_examples=config.train_examples,
+                seed=config.seed,
+                subset_seed=config.subset_seed,
+                image_size=config.image_size,
+            )
+            self.info = self.data.info
+            self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
         self.input_shape = tuple(self.info.image_shape)
         self.num_classes = self.info.num_classes
         self.history = {}
@@ -192,13 +206,15 @@ class Experiment:
             distiller_lib.feature_extractor(
                 student, self.config.student_layer, name="check"
             )
+            self.checked_models = {"student": student, "teachers": []}
             if not self.method.uses_teachers:
                 return
             teachers = [self._load_teacher(path) for path in self.config.teachers]
             if not teachers:
-                teachers = [self.build_model(self.config.teacher_architecture, seed=0)]
+                teachers = [self.build_model(self.method.teacher_architecture(self.config), seed=0)]
             for teacher in teachers:
                 self._check_teacher(teacher, student)
+            self.checked_models["teachers"] = teachers
 
     def _check_teacher(self, teacher, student):
         student_shape = student.get_layer(self.config.student_layer).output.shape[1:]
@@ -306,7 +322,7 @@ class Experiment:
         say("Training %s (%s, seed %d) -> %s", what, architecture, seed, path)
         with self.strategy.scope():
             model = self.build_model(architecture, seed=seed)
-        self.fit(model, [], stage=stage, seed=seed, epochs=epochs)
+        self.fit(model, [], stage=stage, seed=seed, epochs=epochs, kd_weight=0.0)
         storage.save_model(model, path)
 
     # -- training --------------------------------------------------------------
@@ -504,12 +520,65 @@ def load_translators(path):
     return translators
 
 
+def describe_plan(experiment):
+    """The plan of a run (models, parameter counts, steps) as printable lines."""
+    config, info = experiment.config, experiment.info
+    student = experiment.checked_models["student"]
+    teachers = experiment.checked_models["teachers"]
+    steps = info.num_train // config.batch_size
+    student_shape = tuple(student.get_layer(config.student_layer).output.shape[1:])
+    lines = [
+        f"method {config.method} on {info.name}: {info.num_train} training / {info.num_test} "
+        f"test examples, images {info.image_shape}, {info.num_classes} classes",
+        f"student {config.model}: {student.count_params():,} parameters, features {student_shape}",
+    ]
+    if teachers:
+        count = experiment.method.teacher_count(config)
+        teacher = teachers[0]
+        teacher_shape = tuple(teacher.get_layer(config.teacher_layer).output.shape[1:])
+        origin = (
+            f"{len(config.teachers)} from files" if config.teachers
+            else f"{count} x {experiment.method.teacher_architecture(config)} trained with CE"
+        )
+        lines.append(
+            f"teachers: {origin}; {teacher.name}: {teacher.count_params():,} parameters, "
+            f"features {teacher_shape}"
+        )
+        if config.beta and config.method != "kd":
+            channels = None
+            if config.method == "ft":
+                channels = max(1, int(round(config.ft_rate * teacher_shape[-1])))
+            ntl = translators_lib.translator_for(student_shape, teacher_shape, out_channels=channels)
+            lines.append(f"NTLs: {count} x {ntl.count_params():,} parameters (dropped after training)")
+        if config.method == "sfeed":
+            lines.append(f"generations: 0 (CE) then 1..{config.generations}, each from the one before")
+    schedule = config.lr_schedule
+    if schedule == "step":
+        schedule += f" x{config.lr_decay_factor} at epochs {list(config.lr_decay_epochs) or 'at 50%/75%'}"
+    lines.append(
+        f"recipe: {config.epochs} epochs x {steps} steps = {config.epochs * steps:,} steps, batch "
+        f"{config.batch_size}, SGD lr {config.learning_rate} ({schedule}), momentum "
+        f"{config.momentum}, weight decay {config.weight_decay}, beta {config.beta}"
+        + (f", kd_weight {config.kd_weight}, T {config.temperature}" if config.kd_weight else "")
+    )
+    lines.append(f"outputs: {config.model_dir}")
+    return lines
+
+
 def run(config, *, strategy=None):
-    """Runs the method named by `config.method`; returns the metrics written."""
+    """Runs the method named by `config.method`; returns the metrics written.
+
+    With `config.dry_run`, validates everything, prints the plan and returns
+    `{"plan": [...lines]}` without training or writing anything.
+    """
     from keras_feed import methods  # methods build on this module
 
     method = methods.get(config.method)
     experiment = Experiment(config, method, strategy=strategy)
+    if config.dry_run:
+        lines = describe_plan(experiment)
+        print("Plan (dry run, nothing trained or written):\n  " + "\n  ".join(lines))
+        return {"plan": lines}
     keras.utils.set_random_seed(config.seed)
     return method.run(experiment)
 

@@ -39,6 +39,14 @@ class Method:
     name = None
     uses_teachers = True
 
+    def teacher_architecture(self, config):
+        """The architecture of the teachers the run trains itself."""
+        return config.teacher_architecture
+
+    def teacher_count(self, config):
+        """How many teachers the student learns from."""
+        return len(config.teachers) or config.num_teachers
+
     def check(self, config):
         """Raises `ValueError` on settings this method cannot use."""
 
@@ -60,7 +68,7 @@ class CrossEntropy(Method):
 
     def run(self, experiment):
         student = experiment.build_student()
-        experiment.fit(student, [], stage="student")
+        experiment.fit(student, [], stage="student", kd_weight=0.0)
         return experiment.write_outputs(student, None, [])
 
 
@@ -158,6 +166,12 @@ class SequentialFEED(Method):
     """
 
     name = "sfeed"
+
+    def teacher_architecture(self, config):
+        return config.model  # born-again: every generation has the student's shape
+
+    def teacher_count(self, config):
+        return 1
 
     def check(self, config):
         if config.generations < 1:

@@ -95,6 +95,8 @@ def main(argv):
         from keras_feed import experiment
 
         metrics = experiment.run(config_from_flags())
+        if "plan" in metrics:
+            return
         summary = [f"student {metrics['student']['test_accuracy']:.4f}"]
         if "ensemble" in metrics:
             summary.append(f"ensemble of {metrics['ensemble']['size']} {metrics['ensemble']['test_accuracy']:.4f}")
