@@ -1,0 +1,147 @@
+"""Every method end to end on tiny data, the analysis command, and every flagfile's dry run."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from keras_feed import experiment
+from keras_feed import methods
+
+TINY = dict(
+    dataset="synthetic", model="resnet8", train_examples=128, batch_size=32, epochs=1,
+    teacher_epochs=1, paraphraser_epochs=1, learning_rate=0.05, eval_batch_size=64, verbose=0,
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """Two tiny teachers, trained once for the whole module."""
+    folder = str(tmp_path_factory.mktemp("teachers"))
+    config = experiment.TrainConfig(method="pfeed", num_teachers=2, teacher_dir=folder,
+                                    model_dir=str(tmp_path_factory.mktemp("first")), **TINY)
+    experiment.run(config)
+    return folder
+
+
+def train(method, model_dir, teacher_dir, **settings):
+    config = experiment.TrainConfig(method=method, num_teachers=2, teacher_dir=teacher_dir,
+                                    model_dir=str(model_dir), **{**TINY, **settings})
+    return experiment.run(config)
+
+
+def test_registry_has_every_method():
+    assert methods.names() == ["ce", "ft", "kd", "pfeed", "sfeed"]
+    with pytest.raises(ValueError, match="Unknown method 'nope'"):
+        methods.get("nope")
+
+
+def test_kd(tmp_path, teacher_dir):
+    metrics = train("kd", tmp_path, teacher_dir, kd_weight=0.9, temperature=4.0)
+    logged = metrics["stages"]["student"]["last_epoch"]
+    assert {"kd_loss", "ce_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
+    assert logged["loss"] == pytest.approx(0.1 * logged["ce_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
+    assert metrics["ensemble"]["size"] == 2
+    assert not os.path.exists(tmp_path / "translators.weights.h5")
+
+
+def test_ft(tmp_path, teacher_dir):
+    metrics = train("ft", tmp_path, teacher_dir, ft_rate=0.5)
+    assert {"paraphraser_0", "paraphraser_1", "student"} <= set(metrics["stages"])
+    assert "reconstruction_loss" in metrics["stages"]["paraphraser_0"]["last_epoch"]
+    assert {"ft_loss_0", "ft_loss_1"} <= set(metrics["stages"]["student"]["last_epoch"])
+    assert os.path.isfile(tmp_path / "paraphrasers" / "paraphraser_1.weights.h5")
+    spec = json.loads((tmp_path / "translators.json").read_text())
+    assert [entry["config"]["out_channels"] for entry in spec] == [32, 32]  # rate 0.5 of 64
+
+
+def test_pfeed_with_kd(tmp_path, teacher_dir):
+    metrics = train("pfeed", tmp_path, teacher_dir, kd_weight=0.5, beta=100.0)
+    logged = metrics["stages"]["student"]["last_epoch"]
+    assert {"feed_loss_0", "feed_loss_1", "kd_loss"} <= set(logged)
+
+
+def test_sfeed_and_analysis(tmp_path, teacher_dir):
+    sfeed_dir = tmp_path / "sfeed"
+    metrics = train("sfeed", sfeed_dir, teacher_dir, generations=2)
+    assert [g["generation"] for g in metrics["generations"]] == [0, 1, 2]
+    for generation in range(3):
+        assert os.path.isfile(sfeed_dir / "generations" / f"gen_{generation}.keras")
+    assert metrics["student"]["test_accuracy"] == pytest.approx(metrics["generations"][-1]["test_accuracy"])
+    assert metrics["teacher_paths"] == [str(sfeed_dir / "generations" / "gen_1.keras")]
+
+    pfeed_dir = tmp_path / "pfeed"
+    train("pfeed", pfeed_dir, teacher_dir)
+    out = tmp_path / "analysis"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_feed.analyze", f"--runs={pfeed_dir},{sfeed_dir}",
+         "--labels=pFEED-2,sFEED", "--dataset=synthetic", f"--output_dir={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "analysis.json").read_text())
+    assert [len(run["teachers"]) for run in report["runs"]] == [2, 1]
+    for run in report["runs"]:
+        for entry in run["teachers"]:
+            assert 0.0 <= entry["relative_l2_error"] <= 2.0 and entry["feed_loss"] >= 0.0
+    assert (out / "reconstruction_error.png").stat().st_size > 1000
+
+    # A run whose metrics list fewer teachers than it has NTLs is refused.
+    broken = tmp_path / "broken"
+    shutil.copytree(pfeed_dir, broken)
+    metrics_path = broken / "metrics.json"
+    data = json.loads(metrics_path.read_text())
+    data["teacher_paths"] = data["teacher_paths"][:1]
+    metrics_path.write_text(json.dumps(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_feed.analyze", f"--runs={broken}", "--dataset=synthetic",
+         f"--output_dir={tmp_path / 'analysis2'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "2 saved NTLs but lists 1 teachers" in result.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "analysis2")
+
+
+@pytest.mark.parametrize(
+    "method,settings,message",
+    [
+        ("sfeed", dict(generations=0), "--generations must be >= 1"),
+        ("kd", dict(kd_weight=0.9, temperature=0.0), "--temperature must be > 0"),
+        ("ft", dict(ft_rate=1.5), "--ft_rate must lie in (0, 1]"),
+        ("ft", dict(ft_rate=0.0), "--ft_rate must lie in (0, 1]"),
+        ("pfeed", dict(kd_weight=1.5), "--kd_weight must lie in [0, 1]"),
+        ("kd", dict(kd_weight=0.0), "--method=kd needs --kd_weight"),
+    ],
+)
+def test_bad_method_settings_fail_before_writing(tmp_path, method, settings, message):
+    (tmp_path / "keep.txt").write_text("earlier run")
+    with pytest.raises(ValueError) as error:
+        train(method, tmp_path, str(tmp_path / "teachers"), **settings)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_every_flagfile_dry_runs():
+    flagfiles = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
+    assert len(flagfiles) >= 8
+    script = (
+        "import sys\n"
+        "from keras_feed import train, experiment\n"
+        "for path in sys.argv[1:]:\n"
+        "    train.FLAGS.unparse_flags()\n"
+        "    train.FLAGS(['keras-feed-train', '--flagfile=' + path, '--dry_run'])\n"
+        "    plan = experiment.run(train.config_from_flags())['plan']\n"
+        "    print('OK', path, len(plan))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *flagfiles], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("OK ") == len(flagfiles)
+    assert "recipe: 200 epochs x 390 steps" in result.stdout
+    assert not os.path.exists(os.path.join(ROOT, "runs", "cifar100_resnet56_sfeed"))
