@@ -30,6 +30,7 @@ def test_feed_loss_matches_numpy_reference():
     np.testing.assert_allclose(
         float(losses.feed_loss(teacher, student)), numpy_feed_loss(teacher, student), atol=1e-6
     )
+    assert abs(float(losses.feed_loss(teacher, student))) > 1e-3  # a non-trivial value
 
 
 def test_feed_loss_zero_for_equal_direction_and_scale_free():
@@ -54,7 +55,7 @@ def test_cross_entropy_and_kd_against_numpy():
     shifted = np.exp(logits - logits.max(1, keepdims=True))
     probabilities = shifted / shifted.sum(1, keepdims=True)
     expected_ce = -np.mean(np.log(probabilities[np.arange(5), labels]))
-    np.testing.assert_allclose(float(losses.cross_entropy(labels, logits)), expected_ce, rtol=1e-6)
+    np.testing.assert_allclose(float(losses.cross_entropy(labels, logits)), expected_ce, atol=1e-6)
 
     temperature = 3.0
     teacher_logits = [rng.normal(size=(5, 4)).astype("float32") for _ in range(2)]
@@ -68,4 +69,15 @@ def test_cross_entropy_and_kd_against_numpy():
     expected_kd = temperature**2 * np.mean(np.sum(target * (np.log(target) - np.log(student)), axis=1))
     soft = losses.ensemble_soft_targets(teacher_logits, temperature)
     np.testing.assert_allclose(soft.numpy(), target, rtol=1e-6)
-    np.testing.assert_allclose(float(losses.kd_loss(soft, logits, temperature)), expected_kd, rtol=1e-5)
+    np.testing.assert_allclose(float(losses.kd_loss(soft, logits, temperature)), expected_kd, atol=1e-6)
+
+
+def test_ft_loss_matches_numpy_reference():
+    rng = np.random.default_rng(4)
+    teacher_factor = rng.normal(size=(3, 4, 4, 5)).astype("float32")
+    student_factor = rng.normal(size=(3, 4, 4, 5)).astype("float32")
+    np.testing.assert_allclose(
+        float(losses.ft_loss(teacher_factor, student_factor)),
+        numpy_feed_loss(teacher_factor, student_factor),
+        atol=1e-6,
+    )
