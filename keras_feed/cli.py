@@ -7,11 +7,34 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def fail(program, error):
+    """Prints `<program>: error: <message on one line>` on stderr and exits with 1."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main_with_errors(program, body):
     """Runs `body()`; a `ValueError` or `OSError` becomes one line and exit 1."""
     try:
         return body()
     except (ValueError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{program}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        fail(program, error)
+
+
+def flags_parser(program):
+    """An `absl.app.run` flags parser whose errors are one line and exit 1.
+
+    (absl's own prints a "FATAL" line and a hint line.) Bad flag names, values
+    and unreadable flagfiles are reported this way.
+    """
+
+    def parse(argv):
+        from absl import flags
+
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            fail(program, error)
+
+    return parse

@@ -730,7 +730,8 @@ class Data:
             )
         return self.info.num_train // batch_size
 
-    def train(self, batch_size, *, seed=None, start_epoch=0, skip_batches=0, augment=True):
+    def train(self, batch_size, *, seed=None, start_epoch=0, skip_batches=0, augment=True,
+              shard=None):
         """Infinite, shuffled, augmented training batches (drop_remainder).
 
         ``Dataset.counter(start_epoch).flat_map(one epoch)``: every epoch holds
@@ -740,8 +741,23 @@ class Data:
         epochs), so ``train(b, start_epoch=e, skip_batches=k)`` continues an
         interrupted run exactly. ``seed`` replaces the dataset's seed for this
         pipeline (e.g. one seed per teacher over the same subset).
+
+        ``shard=(count, index)`` gives one of ``count`` workers its share of
+        every global batch of ``batch_size`` (which ``count`` must divide):
+        batches of ``batch_size // count`` holding the elements at positions
+        ``index, index + count, ...`` of the epoch's order. The shards of a
+        step together hold exactly that step's unsharded batch, so no example
+        is used twice in an epoch; each worker gathers and augments only its
+        own examples.
         """
         steps = self.steps_per_epoch(batch_size)
+        if shard is not None:
+            count, index = (_check_int(value, "shard", 0) for value in shard)
+            if not 0 <= index < count or batch_size % count:
+                raise DataError(
+                    f"shard={tuple(shard)} must be (count, index) with 0 <= index < "
+                    f"count and count dividing batch_size={batch_size}"
+                )
         start_epoch = _check_int(start_epoch, "start_epoch", 0)
         skip_batches = _check_int(skip_batches, "skip_batches", 0)
         start_epoch += skip_batches // steps
@@ -783,6 +799,9 @@ class Data:
         ds = tf.data.Dataset.counter(start_epoch).flat_map(_no_autograph(one_epoch))
         if skip_batches:
             ds = ds.skip(skip_batches * batch_size)
+        if shard is not None:
+            ds = ds.shard(count, index)
+            batch_size //= count
         do_augment = augment and self.info.augment != "none"
         imagenet = self.info.augment == "imagenet"
 

@@ -58,6 +58,123 @@ def feature_extractor(model, layer_name, *, name):
     return keras.Model(inputs, [logits, features], name=name)
 
 
+# -- frozen networks in inference mode ----------------------------------------
+
+
+class _FoldedConvBatchNorm(keras.layers.Layer):
+    """A `Conv2D` and the `BatchNormalization` after it, as one inference convolution."""
+
+    def __init__(self, conv, batchnorm, **kwargs):
+        super().__init__(name=f"{conv.name}_folded", dtype=conv.dtype_policy, **kwargs)
+        self._pair = _Untracked((conv, batchnorm))  # the twin owns no weights
+
+    def call(self, inputs, training=None):
+        conv, batchnorm = self._pair.value
+        variance = tf.cast(batchnorm.moving_variance, tf.float32)
+        scale = tf.math.rsqrt(variance + batchnorm.epsilon)
+        if batchnorm.gamma is not None:
+            scale *= tf.cast(batchnorm.gamma, tf.float32)
+        offset = -tf.cast(batchnorm.moving_mean, tf.float32) * scale
+        if batchnorm.beta is not None:
+            offset += tf.cast(batchnorm.beta, tf.float32)
+        if conv.use_bias:
+            offset += tf.cast(conv.bias, tf.float32) * scale
+        kernel = tf.cast(conv.kernel, tf.float32) * scale
+        outputs = conv.convolution_op(
+            tf.cast(inputs, self.compute_dtype), tf.cast(kernel, self.compute_dtype)
+        )
+        return tf.nn.bias_add(outputs, tf.cast(offset, outputs.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return self._pair.value[0].compute_output_shape(input_shape)
+
+
+class _PassThrough(keras.layers.Layer):
+    """Stands in for a BatchNormalization already folded into its convolution."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _single_node(layer, attribute):
+    nodes = getattr(layer, attribute, None)
+    return nodes is not None and len(nodes) == 1
+
+
+def _foldable_pairs(model):
+    """`{id(conv): (conv, batchnorm)}` for the foldable pairs of `model`'s graph."""
+    output_ids = {id(tensor) for tensor in model.outputs}
+    pairs = {}
+    for batchnorm in model.layers:
+        if type(batchnorm) is not keras.layers.BatchNormalization:
+            continue
+        if not _single_node(batchnorm, "_inbound_nodes"):
+            continue
+        parents = batchnorm._inbound_nodes[0].parent_nodes
+        if len(parents) != 1:
+            continue
+        conv = parents[0].operation
+        if (
+            type(conv) is keras.layers.Conv2D
+            and conv.data_format == "channels_last"
+            and conv.activation is keras.activations.linear
+            and _single_node(conv, "_inbound_nodes")
+            and _single_node(conv, "_outbound_nodes")
+            and id(conv.output) not in output_ids
+            and batchnorm.axis in (-1, len(conv.output.shape) - 1)
+        ):
+            pairs[id(conv)] = (conv, batchnorm)
+    return pairs
+
+
+def inference_model(model):
+    """A twin of the functional `model` for inference, with Conv2D+BN pairs folded.
+
+    A frozen teacher runs in inference mode only, so each `Conv2D ->
+    BatchNormalization` pair of its graph is one affine map per output channel:
+
+        BN(conv(x, K) + b) = conv(x, K * s) + (b - mean) * s + beta,
+        s = gamma / sqrt(moving_variance + epsilon)
+
+    The twin runs each such pair as one convolution with a bias (which
+    TensorFlow fuses with the following ReLU or residual addition) and every
+    other layer as it is. The folded kernel and bias are computed in the graph
+    from the live variables at every call (element-wise work on the weights
+    alone): the twin owns no weights and always agrees with `model`, even when
+    the model's weights are loaded after the twin is built.
+
+    Only exact `keras.layers.Conv2D` (channels-last, linear activation) feeding
+    exactly one exact `keras.layers.BatchNormalization` over the channel axis,
+    both called once, are folded; a convolution whose own output is one of
+    the model's outputs is left alone.
+
+    Args:
+      model: a functional `keras.Model`, used in inference mode only (e.g. a
+        frozen teacher or a feature extractor built on one).
+
+    Returns:
+      A functional `keras.Model` with the same inputs and outputs that owns no
+      weights of its own, or `model` itself when nothing can be folded. Call
+      it with `training=False`.
+    """
+    pairs = _foldable_pairs(model)
+    if not pairs:
+        return model
+    folded_batchnorms = {id(batchnorm) for _, batchnorm in pairs.values()}
+
+    def clone(layer):
+        if id(layer) in pairs:
+            return _FoldedConvBatchNorm(*pairs[id(layer)])
+        if id(layer) in folded_batchnorms:
+            return _PassThrough(name=f"{layer.name}_folded")
+        return layer  # shared with `model`, as Keras reuses a returned layer
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
 def add_weight_decay(optimizer, gradients, variables, weight_decay):
     """Coupled L2 decay: g + weight_decay * w, as SGD's `weight_decay` does.
 
@@ -177,7 +294,7 @@ class FEEDDistiller(keras.Model):
             if teacher_transforms is None
             else _as_list(teacher_transforms, len(teachers), "teacher_transforms")
         )
-        teacher_extractors = []
+        teacher_graphs = []
         self.translators = []
         for index, (teacher, layer_name, transform) in enumerate(
             zip(teachers, teacher_layers, transforms)
@@ -201,7 +318,16 @@ class FEEDDistiller(keras.Model):
             out_channels = (
                 translator_channels[index] if translator_channels else target_shape[-1]
             )
-            teacher_extractors.append(extractor)
+            # Inference twin: only the outputs the loss uses (logits for KD
+            # alone), with BatchNormalization folded into the convolutions.
+            used_outputs = extractor.outputs if self.kd_weight > 0 else extractor.outputs[1:]
+            teacher_graphs.append(
+                inference_model(
+                    keras.Model(
+                        extractor.inputs, used_outputs, name=f"teacher_{index}_inference"
+                    )
+                )
+            )
             if self.beta == 0:
                 continue  # logit-level KD only: no NTLs, no feature terms
             self.translators.append(
@@ -217,7 +343,7 @@ class FEEDDistiller(keras.Model):
             {
                 "student_extractor": student_extractor,
                 "teachers": teachers,
-                "teacher_extractors": teacher_extractors,
+                "teacher_graphs": teacher_graphs,
                 "teacher_transforms": transforms,
             }
         )
@@ -262,17 +388,16 @@ class FEEDDistiller(keras.Model):
         """Runs every teacher (and transform) in inference mode, without gradients.
 
         Returns:
-          `(teacher_logits, teacher_targets)`: two lists, one entry per teacher.
+          `(teacher_logits, teacher_targets)`: lists with one entry per teacher;
+          `teacher_logits` is empty when no term uses them (`kd_weight == 0`).
         """
         logits_list, targets = [], []
         frozen = self._frozen.value
-        for extractor, transform in zip(
-            frozen["teacher_extractors"], frozen["teacher_transforms"]
-        ):
-            logits, features = extractor(images, training=False)
+        for graph, transform in zip(frozen["teacher_graphs"], frozen["teacher_transforms"]):
+            *logits, features = keras.tree.flatten(graph(images, training=False))
             if transform is not None:
                 features = transform(features, training=False)
-            logits_list.append(tf.stop_gradient(logits))
+            logits_list += [tf.stop_gradient(value) for value in logits]
             targets.append(tf.stop_gradient(features))
         return logits_list, targets
 
@@ -308,8 +433,6 @@ class FEEDDistiller(keras.Model):
     def train_step(self, data):
         images, labels = data[0], data[1]
         teacher_logits, teacher_targets = self.teacher_outputs(images)
-        if self.kd_weight == 0:
-            teacher_logits = []
         extractor = self._frozen.value["student_extractor"]
         variables = self.trainable_variables
         with tf.GradientTape() as tape:

@@ -12,18 +12,20 @@ its teachers and their ensemble, and writes the outputs into `config.model_dir`:
     metrics.json              test accuracy of student, teachers and ensemble
     teachers/teacher_<i>.keras  teachers trained by the run (reused if present)
     logs/<stage>/             TensorBoard logs of every training stage
+    checkpoints/<stage>/      while it trains: what a rerun resumes from (see
+                              `keras_feed.checkpointing`); removed when complete
 """
 
 import dataclasses
 import json
 import os
 import sys
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_feed import checkpointing
 from keras_feed import data as data_lib
 from keras_feed import distiller as distiller_lib
 from keras_feed import models
@@ -73,6 +75,8 @@ class TrainConfig:
     ft_rate: float = 0.5  # ft: paraphrase rate k (factor channels = k * C)
     paraphraser_epochs: int = 10  # ft: epochs of each paraphraser's pre-training
     dry_run: bool = False  # validate and print the plan, train nothing
+    checkpoint_steps: int = 0  # also checkpoint every N steps; 0: at each epoch's end only
+    deterministic: bool = False  # op determinism: resumed runs end bitwise as uninterrupted ones
     verbose: int | None = None  # Keras fit verbosity; default: bar on a tty
 
     @property
@@ -119,6 +123,8 @@ def check_config(config, method):
         raise ValueError(f"--temperature must be > 0, got {config.temperature}.")
     if config.validation_freq < 0:
         raise ValueError(f"--validation_freq must be >= 0, got {config.validation_freq}.")
+    if config.checkpoint_steps < 0:
+        raise ValueError(f"--checkpoint_steps must be >= 0, got {config.checkpoint_steps}.")
     if method.uses_teachers and not config.teachers and config.num_teachers < 1:
         raise ValueError(f"--num_teachers must be >= 1, got {config.num_teachers}.")
     for path in config.teachers:
@@ -353,6 +359,9 @@ class Experiment:
           epochs: default `config.epochs`.
           **overrides: `FEEDDistiller` arguments that replace the config's.
         """
+        # The NTLs' initial weights must not depend on what ran before in this
+        # process: a resumed run skips the stages that are done.
+        keras.utils.set_random_seed(self.config.seed if seed is None else seed)
         distiller = self.make_distiller(student, teachers, **overrides)
         self.fit_model(distiller, stage=stage, seed=seed, epochs=epochs, validate=True)
         return distiller
@@ -377,7 +386,13 @@ class Experiment:
                 optimizer=make_optimizer(config, steps, epochs),
                 jit_compile=config.jit_compile,
             )
-        train = self.data.train(config.batch_size, seed=seed)
+        checkpoint = checkpointing.StageCheckpoint(
+            checkpointing.checkpoint_folder(config.model_dir, stage),
+            stage=stage, steps_per_epoch=steps, epochs=epochs,
+            every_steps=config.checkpoint_steps,
+        )
+        with self.strategy.scope():
+            checkpoint.restore(model)
         validation = {}
         if validate and config.validation_freq:
             validation = dict(
@@ -385,32 +400,39 @@ class Experiment:
                 validation_freq=config.validation_freq,
             )
         callbacks = [
+            checkpoint,
             keras.callbacks.TensorBoard(
                 os.path.join(config.model_dir, "logs", stage), update_freq="epoch"
-            )
+            ),
         ]
         verbose = config.verbose
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps, config.batch_size)
-        start = time.time()
-        history = model.fit(
-            train,
-            epochs=epochs,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the pipeline shuffles, seeded per epoch
-            **validation,
-        )
-        elapsed = time.time() - start
-        self.history[stage] = {
-            "epochs": epochs,
-            "wall_s": round(elapsed, 1),
-            "images_per_s": round(epochs * steps * config.batch_size / elapsed, 1),
-            "last_epoch": {k: float(v[-1]) for k, v in history.history.items()},
-            "history": {k: [float(x) for x in v] for k, v in history.history.items()},
-        }
+        epoch, batch = checkpoint.position()
+        if checkpoint.complete:
+            say("Stage %s: trained already (checkpoint in %s); not training it again", stage, checkpoint.folder)
+        elif checkpoint.step:
+            say("Stage %s: resuming at epoch %d, batch %d (step %d of %d) from %s",
+                stage, epoch + 1, batch, checkpoint.step, checkpoint.total_steps, checkpoint.folder)
+        else:
+            say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps, config.batch_size)
+        # A stage resumed mid-epoch is fitted as the rest of that epoch, then
+        # the later epochs, each from the pipeline rebuilt at its position.
+        for initial_epoch, skip_batches, end_epoch in checkpoint.segments():
+            model.fit(
+                self.data.train(
+                    config.batch_size, seed=seed, start_epoch=initial_epoch,
+                    skip_batches=skip_batches,
+                ),
+                initial_epoch=initial_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps - skip_batches,
+                callbacks=callbacks,
+                verbose=verbose,
+                shuffle=False,  # the pipeline shuffles, seeded per epoch
+                **validation,
+            )
+        self.history[stage] = checkpoint.summary(config.batch_size)
 
     # -- evaluation and outputs ---------------------------------------------
 
@@ -477,7 +499,8 @@ class Experiment:
         if distiller is not None and distiller.translators:
             save_translators(distiller, os.path.join(model_dir, "translators.weights.h5"))
         storage.export_saved_model(student, os.path.join(model_dir, "export"))
-        storage.write_json(os.path.join(model_dir, "metrics.json"), metrics)
+        storage.write_json(os.path.join(model_dir, "metrics.json"), metrics)  # last: the run is complete
+        checkpointing.remove_checkpoints(model_dir)
         return metrics
 
 
@@ -574,11 +597,19 @@ def run(config, *, strategy=None):
     from keras_feed import methods  # methods build on this module
 
     method = methods.get(config.method)
+    if config.deterministic:
+        checkpointing.enable_determinism(config.seed)
     experiment = Experiment(config, method, strategy=strategy)
     if config.dry_run:
         lines = describe_plan(experiment)
         print("Plan (dry run, nothing trained or written):\n  " + "\n  ".join(lines))
         return {"plan": lines}
-    keras.utils.set_random_seed(config.seed)
-    return method.run(experiment)
+    with checkpointing.RunDirectory(config) as model_dir:
+        if model_dir.finished is not None:
+            say("%s holds this run, complete (metrics.json): nothing to train.", config.model_dir)
+            return model_dir.finished
+        if model_dir.resuming:
+            say("Resuming the run in %s", config.model_dir)
+        keras.utils.set_random_seed(config.seed)
+        return method.run(experiment)
 

@@ -1,8 +1,10 @@
 """Reading and writing models and results without ever leaving half a file.
 
-Every writer here writes to a temporary name beside its target and renames it
-into place, so a crash leaves either the old file or the new one, never a
-truncated file (or export folder) that looks complete.
+Every writer here writes to a temporary name beside its target, flushes it to
+disk and renames it into place, so a crash (even SIGKILL or a power cut) leaves
+either the old file or the new one, never a truncated file (or export folder)
+that looks complete. Temporary names carry `PARTIAL_MARK`; what a killed
+writer left behind is removed by `remove_partial_files`.
 """
 
 import contextlib
@@ -13,6 +15,10 @@ import tempfile
 import zipfile
 
 import keras
+import numpy as np
+
+#: In the name of every temporary file or folder a writer here creates.
+PARTIAL_MARK = ".partial-"
 
 
 class ModelFileError(ValueError):
@@ -23,31 +29,35 @@ class ModelFileError(ValueError):
 def atomic_path(path, *, directory=False):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
 
-    On an exception the temporary file or folder is removed and `path` is left
-    as it was. For a folder, the old one is replaced only once the new one is
-    complete.
+    What was written to the temporary path is flushed to disk (fsync) before
+    the rename, and the rename itself after. On an exception the temporary
+    file or folder is removed and `path` is left as it was. For a folder, the
+    old one is replaced only once the new one is complete.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(path)
+    prefix = f".{base}{PARTIAL_MARK}"
     if directory:
-        temporary = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+        temporary = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     else:
-        handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+        handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.close(handle)
         os.unlink(temporary)
         # Keep the suffix Keras checks for (".keras", ".weights.h5").
-        for suffix in (".weights.h5", ".keras", ".json", ".h5"):
+        for suffix in (".weights.h5", ".keras", ".json", ".h5", ".npz"):
             if base.endswith(suffix):
                 temporary += suffix
                 break
     try:
         yield temporary
+        _flush_to_disk(temporary)
         if directory:
+            os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp made it private
             retired = None
             if os.path.exists(path):
-                retired = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+                retired = tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=parent)
                 os.rmdir(retired)
                 os.replace(path, retired)
             os.replace(temporary, path)
@@ -55,12 +65,58 @@ def atomic_path(path, *, directory=False):
                 shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(temporary, path)
+        _fsync(parent)
     except BaseException:
         if os.path.isdir(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
         elif os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path):
+    """Flushes one file's (or folder's entries') data to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _flush_to_disk(path):
+    """fsyncs a file, or every file and folder below a folder."""
+    if not os.path.isdir(path):
+        _fsync(path)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def remove_partial_files(folder):
+    """Removes what killed writers left below `folder` (names with `PARTIAL_MARK`).
+
+    Only call it while no other process writes below `folder`.
+    """
+    removed = []
+    for root, directories, files in os.walk(folder):
+        for name in list(directories):
+            if name.startswith(".") and PARTIAL_MARK in name:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                directories.remove(name)
+                removed.append(os.path.join(root, name))
+        for name in files:
+            if name.startswith(".") and PARTIAL_MARK in name:
+                os.unlink(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
 
 
 def write_json(path, data):
@@ -81,6 +137,13 @@ def save_weights(layer_or_model, path):
     """Saves weights to a `.weights.h5` file, atomically."""
     with atomic_path(path) as temporary:
         layer_or_model.save_weights(temporary)
+
+
+def save_arrays(path, arrays):
+    """Writes a dict of numpy arrays to an uncompressed `.npz` file, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
 
 
 def export_saved_model(model, path):

@@ -66,6 +66,10 @@ flags.DEFINE_bool("dry_run", False, "Validate the flags, build the models and th
 flags.DEFINE_string("model_dir", "runs/feed", "Where the student, export, metrics and logs are written.")
 flags.DEFINE_integer("verbose", None, "Keras fit verbosity (0, 1: bar, 2: a line an epoch); default: bar on a terminal.")
 
+# Resuming.
+flags.DEFINE_integer("checkpoint_steps", 0, "Also checkpoint every N training steps (0: at the end of each epoch only); rerunning with the same flags resumes from the last checkpoint.")
+flags.DEFINE_bool("deterministic", False, "Seeded, deterministic ops: a run killed and resumed ends with the same weights, bit for bit, as an uninterrupted one (slower on some hardware).")
+
 
 def config_from_flags():
     """The `TrainConfig` that the parsed flags describe."""
@@ -106,7 +110,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("keras-feed-train"))
 
 
 if __name__ == "__main__":
