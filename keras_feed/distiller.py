@@ -55,6 +55,8 @@ def feature_extractor(model, layer_name, *, name):
             f"Layer '{layer_name}' of model '{model.name}' outputs shape "
             f"{tuple(features.shape)}; a feature map (batch, H, W, C) is needed."
         )
+    if len(inputs) == 1:
+        inputs = inputs[0]  # called with one tensor, not a list of one
     return keras.Model(inputs, [logits, features], name=name)
 
 
@@ -324,7 +326,7 @@ class FEEDDistiller(keras.Model):
             teacher_graphs.append(
                 inference_model(
                     keras.Model(
-                        extractor.inputs, used_outputs, name=f"teacher_{index}_inference"
+                        extractor.input, used_outputs, name=f"teacher_{index}_inference"
                     )
                 )
             )
