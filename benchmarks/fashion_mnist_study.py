@@ -1,0 +1,764 @@
+"""Evidence study: does pFEED beat one teacher and plain training on Fashion-MNIST?
+
+    python benchmarks/fashion_mnist_study.py                # run (or resume) the study
+    python benchmarks/fashion_mnist_study.py --report_only  # rewrite table and plots
+    python benchmarks/fashion_mnist_study.py --smoke        # seconds-long dry rehearsal
+
+The claim under test (Park & Kwak, arXiv:1909.10754): distilling the feature
+maps of several teachers through parallel NTLs (pFEED) gives a better student
+than one teacher (FEED with one NTL) and than plain training, and approaches
+the teachers' ensemble.
+
+Setting: real Fashion-MNIST (IDX files), a seeded 6,000-image training subset
+(the same for every run), the full 10,000-image test set; `resnet20` for the
+three teachers (cross-entropy, seeds 100, 101, 102) and for every student; SGD
+with Nesterov momentum 0.9, lr 0.1 with cosine decay, weight decay 5e-4, batch
+128, 30 epochs for teachers and students alike, beta 500.
+
+The study is resumable. Every finished run is appended at once (atomic write)
+to `benchmarks/results/fashion_mnist.json` and skipped on the next start;
+the teachers are kept in `benchmarks/results/fashion_mnist_teachers/` and
+reused. A run interrupted half-way starts again from scratch. Runs whose
+method is not registered in `keras_feed.methods` yet are postponed: the next
+start picks them up. Scratch folders of the runs go to `runs/` (not in git).
+After every run the table (`fashion_mnist.md`) and the plots
+(`fashion_mnist_accuracy.png`, `fashion_mnist_feed_loss.png`) are rewritten.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_NAME = "fashion_mnist"
+TEACHER_SEED = 100
+NUM_TEACHERS = 3
+SEEDS = (0, 1, 2)
+
+# The recipe shared by teachers and students (TrainConfig fields).
+RECIPE = dict(
+    dataset="fashion_mnist",
+    data_dir="/usr/share/datasets/fashion-mnist",
+    train_examples=6000,
+    subset_seed=0,
+    model="resnet20",
+    teacher_model="resnet20",
+    epochs=30,
+    teacher_epochs=30,
+    batch_size=128,
+    learning_rate=0.1,
+    lr_schedule="cosine",
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    beta=500.0,
+)
+
+# A seconds-long rehearsal of the same plan (never written to benchmarks/results).
+SMOKE_RECIPE = dict(
+    RECIPE,
+    dataset="synthetic",
+    data_dir=None,
+    train_examples=256,
+    model="resnet8",
+    teacher_model="resnet8",
+    epochs=1,
+    teacher_epochs=1,
+    batch_size=64,
+)
+
+KD = (("kd_weight", 0.9), ("temperature", 4.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One student run of the plan: a table row (`name`) at one seed."""
+
+    name: str
+    method: str
+    seed: int
+    teacher_ids: tuple = ()
+    settings: tuple = ()  # extra TrainConfig fields, as (field, value) pairs
+
+    @property
+    def key(self):
+        return f"{self.name}/seed{self.seed}"
+
+
+# Table rows: name -> what it is.
+DESCRIPTIONS = {
+    "ce": "plain training (cross-entropy)",
+    "feed_1": "FEED, one NTL (teacher 0)",
+    "pfeed_2": "pFEED, two NTLs (teachers 0, 1)",
+    "pfeed_3": "pFEED, three NTLs (teachers 0, 1, 2)",
+    "kd": "Hinton KD from the 3-teacher ensemble (T=4, kd_weight 0.9)",
+    "ft": "Factor Transfer from teacher 0 (rate 0.5)",
+    "sfeed_2": "sFEED, two born-again generations from teacher 0",
+    "pfeed_3_kd": "pFEED-3 + KD (T=4, kd_weight 0.9)",
+    "pfeed_3_beta100": "pFEED-3, beta 100",
+    "pfeed_3_beta2000": "pFEED-3, beta 2000",
+}
+
+
+def plan():
+    """Every run of the study, in the order they are run."""
+    runs = []
+    for seed in SEEDS:  # headline, interleaved by seed so partial results stay balanced
+        runs += [
+            Run("ce", "ce", seed),
+            Run("feed_1", "pfeed", seed, (0,)),
+            Run("pfeed_2", "pfeed", seed, (0, 1)),
+            Run("pfeed_3", "pfeed", seed, (0, 1, 2)),
+        ]
+    runs += [  # baselines
+        Run("kd", "kd", 0, (0, 1, 2), KD),
+        Run("ft", "ft", 0, (0,), (("ft_rate", 0.5),)),
+        Run("sfeed_2", "sfeed", 0, (0,), (("generations", 2),)),
+        Run("pfeed_3_kd", "pfeed", 0, (0, 1, 2), KD),
+    ]
+    runs += [  # sensitivity to beta
+        Run("pfeed_3_beta100", "pfeed", 0, (0, 1, 2), (("beta", 100.0),)),
+        Run("pfeed_3_beta2000", "pfeed", 0, (0, 1, 2), (("beta", 2000.0),)),
+    ]
+    return runs
+
+
+def say(message):
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[study {stamp}] {message}", file=sys.stderr, flush=True)
+
+
+class Study:
+    """Paths, the results file and the recipe of one study (real or smoke)."""
+
+    def __init__(self, results_dir, runs_dir, recipe):
+        self.results_dir = os.path.abspath(results_dir)
+        self.runs_dir = os.path.abspath(runs_dir)
+        self.recipe = dict(recipe)
+        self.json_path = os.path.join(self.results_dir, f"{RESULTS_NAME}.json")
+        self.md_path = os.path.join(self.results_dir, f"{RESULTS_NAME}.md")
+        self.accuracy_png = os.path.join(self.results_dir, f"{RESULTS_NAME}_accuracy.png")
+        self.feed_loss_png = os.path.join(self.results_dir, f"{RESULTS_NAME}_feed_loss.png")
+        self.teacher_dir = os.path.join(self.results_dir, f"{RESULTS_NAME}_teachers")
+
+    def teacher_path(self, index):
+        return os.path.join(self.teacher_dir, f"teacher_{index}.keras")
+
+    def shown(self, path):
+        """`path` relative to the repository when inside it (portable in the json)."""
+        relative = os.path.relpath(path, REPO)
+        return path if relative.startswith("..") else relative
+
+    # -- the results file ------------------------------------------------------
+
+    def load(self):
+        if not os.path.isfile(self.json_path):
+            return {"study": None, "teachers": [], "ensembles": {}, "runs": [], "failures": {}}
+        with open(self.json_path, encoding="utf-8") as handle:
+            results = json.load(handle)
+        for key, empty in (("teachers", []), ("ensembles", {}), ("runs", []), ("failures", {})):
+            results.setdefault(key, empty)
+        return results
+
+    def save(self, results):
+        from keras_feed import storage
+
+        storage.write_json(self.json_path, results)
+
+
+# -- training ------------------------------------------------------------------
+
+
+def git_revision():
+    """The checkout's commit ("+dirty" when keras_feed/ has local edits) and a hash of
+    the keras_feed sources this process imported (the checkout is edited meanwhile)."""
+    import keras_feed
+    from keras_feed import experiment, methods  # noqa: F401  (imported before hashing)
+
+    package = os.path.dirname(keras_feed.__file__)
+    sources = hashlib.sha256()
+    for root, _, files in sorted(os.walk(package)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(root, name), "rb") as handle:
+                    sources.update(name.encode() + handle.read())
+    return {"commit": _git_commit(), "keras_feed_sha256": sources.hexdigest()[:16]}
+
+
+def _git_commit():
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "keras_feed"], cwd=REPO, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def base_config(study, **fields):
+    from keras_feed import experiment
+
+    return experiment.TrainConfig(**{**study.recipe, "verbose": 2, **fields})
+
+
+def reset_session():
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def run_in(model_dir, config):
+    """`experiment.run(config)` in `model_dir`, kept so a killed run can resume there.
+
+    A run that raises has its folder removed, so the next attempt starts afresh.
+    """
+    from keras_feed import experiment
+
+    try:
+        return experiment.run(config)
+    except Exception:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+
+
+def finished_metrics(config):
+    """metrics.json of a run of `config` that finished but was not recorded, or None."""
+    path = os.path.join(config.model_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    written = metrics.get("config", {})
+    same = all(written.get(k) == getattr(config, k) for k in ("method", "seed", "epochs", "beta"))
+    return metrics if same else None
+
+
+def describe_data(study):
+    """The training subset's size, seed and index hash, and the test size."""
+    from keras_feed import data as data_lib
+
+    data = data_lib.load(
+        study.recipe["dataset"],
+        data_dir=study.recipe["data_dir"],
+        train_examples=study.recipe["train_examples"],
+        subset_seed=study.recipe["subset_seed"],
+    )
+    indices = data.train_indices.astype("<i8")
+    return {
+        "dataset": data.info.name,
+        "num_train": int(data.info.num_train),
+        "num_test": int(data.info.num_test),
+        "subset_seed": study.recipe["subset_seed"],
+        "subset_rule": "sorted(numpy.random.RandomState(subset_seed)"
+                       ".permutation(num_full_train)[:train_examples])",
+        "subset_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
+        "subset_first_indices": [int(i) for i in indices[:10]],
+    }
+
+
+def stage_summary(metrics):
+    """Wall time over every stage; throughput and history of the final stage."""
+    stages = metrics.get("stages", {})
+    final = stages.get("student") or (list(stages.values())[-1] if stages else {})
+    history = final.get("history", {})
+    feed_keys = sorted(
+        (key for key in history if key.startswith("feed_loss_")),
+        key=lambda key: int(key.rsplit("_", 1)[1]),
+    )
+    return {
+        "wall_s": round(sum(stage.get("wall_s", 0.0) for stage in stages.values()), 1),
+        "stages_wall_s": {name: stage.get("wall_s") for name, stage in stages.items()},
+        "images_per_s": final.get("images_per_s"),
+        "last_feed_loss": [history[key][-1] for key in feed_keys] or None,
+        "history": history,
+    }
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def train_teacher(study, index, revision):
+    """Trains teacher `index` with CE (seed 100 + index) unless its file exists."""
+    from keras_feed import storage
+
+    path = study.teacher_path(index)
+    seed = TEACHER_SEED + index
+    model_dir = os.path.join(study.runs_dir, f"teacher_{index}")
+    record = {"index": index, "seed": seed, "file": study.shown(path), "method": "ce",
+              "model": study.recipe["teacher_model"], "epochs": study.recipe["teacher_epochs"]}
+    if os.path.isfile(path):
+        say(f"teacher {index}: reusing {path}; measuring its test accuracy")
+        record.update(test_accuracy=None, wall_s=None, images_per_s=None, reused=True)
+    else:
+        config = base_config(
+            study, method="ce", seed=seed, model=study.recipe["teacher_model"],
+            epochs=study.recipe["teacher_epochs"], model_dir=model_dir,
+        )
+        metrics = finished_metrics(config)
+        if metrics is None:
+            say(f"teacher {index}: training {config.model} with CE, seed {seed}")
+            metrics = run_in(model_dir, config)
+        with storage.atomic_path(path) as temporary:
+            shutil.copyfile(os.path.join(model_dir, "student.keras"), temporary)
+        record.update(
+            test_accuracy=metrics["student"]["test_accuracy"],
+            finished_at=now(), git=revision, **stage_summary(metrics),
+        )
+    return record
+
+
+def measure_teachers(study):
+    """Test softmax outputs of each teacher file, and the labels."""
+    import keras
+    import numpy as np
+    from keras_feed import data as data_lib
+
+    data = data_lib.load(
+        study.recipe["dataset"], data_dir=study.recipe["data_dir"],
+        train_examples=study.recipe["train_examples"], subset_seed=study.recipe["subset_seed"],
+    )
+    test = data.test(256)
+    labels = np.concatenate([y.numpy() for _, y in test])
+    probabilities = []
+    for index in range(NUM_TEACHERS):
+        model = keras.models.load_model(study.teacher_path(index), compile=False)
+        logits = model.predict(test.map(lambda x, y: x), verbose=0)
+        probabilities.append(np.asarray(keras.ops.softmax(logits.astype("float32"))))
+    return probabilities, labels
+
+
+def ensure_teachers(study, results, revision):
+    """Trains (or reuses) the three teachers and records them and their ensembles."""
+    import numpy as np
+
+    recorded = {teacher["index"]: teacher for teacher in results["teachers"]}
+    for index in range(NUM_TEACHERS):
+        if index in recorded and os.path.isfile(study.teacher_path(index)):
+            continue
+        record = train_teacher(study, index, revision)
+        recorded[index] = record
+        results["teachers"] = [recorded[i] for i in sorted(recorded)]
+        study.save(results)
+        reset_session()
+        write_report(study, results)
+    missing_accuracy = any(t.get("test_accuracy") is None for t in results["teachers"])
+    if results["ensembles"] and not missing_accuracy:
+        return
+    probabilities, labels = measure_teachers(study)
+
+    def accuracy(p):
+        return float(np.mean(np.argmax(p, axis=1) == labels))
+
+    for teacher, p in zip(results["teachers"], probabilities):
+        if teacher.get("test_accuracy") is None:
+            teacher["test_accuracy"] = accuracy(p)
+    results["ensembles"] = {
+        str(size): {
+            "teachers": list(range(size)),
+            "rule": "mean of softmax outputs",
+            "test_accuracy": accuracy(np.mean(probabilities[:size], axis=0)),
+        }
+        for size in (2, 3)
+    }
+    results["ensembles"]["2_all_pairs"] = {
+        f"{a},{b}": accuracy((probabilities[a] + probabilities[b]) / 2)
+        for a, b in ((0, 1), (0, 2), (1, 2))
+    }
+    study.save(results)
+    reset_session()
+    say("teachers: " + ", ".join(f"{t['test_accuracy']:.4f}" for t in results["teachers"])
+        + "; ensembles: " + ", ".join(
+            f"{size} -> {results['ensembles'][size]['test_accuracy']:.4f}" for size in ("2", "3")))
+
+
+def unavailable(run):
+    """Why `run` cannot run with the installed keras_feed yet, or None."""
+    from keras_feed import experiment, methods
+
+    if run.method not in methods.names():
+        return f"method '{run.method}' is not registered yet"
+    fields = {field.name for field in dataclasses.fields(experiment.TrainConfig)}
+    missing = [name for name, _ in run.settings if name not in fields]
+    if missing:
+        return f"TrainConfig has no field {', '.join(missing)} yet"
+    return None
+
+
+def train_student(study, run, revision):
+    """Runs one student of the plan and returns its record."""
+    model_dir = os.path.join(study.runs_dir, run.key.replace("/", "_"))
+    settings = dict(run.settings)
+    config = base_config(
+        study, method=run.method, seed=run.seed, model_dir=model_dir,
+        teachers=tuple(study.teacher_path(i) for i in run.teacher_ids), **settings,
+    )
+    metrics = finished_metrics(config) or run_in(model_dir, config)
+    record = {
+        "key": run.key,
+        "name": run.name,
+        "method": run.method,
+        "seed": run.seed,
+        "teachers": len(run.teacher_ids),
+        "teacher_ids": list(run.teacher_ids),
+        "student": config.model,
+        "teacher_model": config.teacher_model if run.teacher_ids else None,
+        "beta": config.beta,
+        "kd_weight": config.kd_weight,
+        "temperature": config.temperature,
+        "settings": settings,
+        "epochs": config.epochs,
+        "train_examples": config.train_examples,
+        "subset_seed": config.subset_seed,
+        "test_accuracy": metrics["student"]["test_accuracy"],
+        "ensemble_test_accuracy": metrics.get("ensemble", {}).get("test_accuracy"),
+        "teacher_test_accuracy": [t["test_accuracy"] for t in metrics.get("teachers", [])],
+        "finished_at": now(),
+        "git": revision,
+    }
+    record.update(stage_summary(metrics))
+    return record
+
+
+def run_study(study):
+    """Runs whatever of the plan is not in the results file yet."""
+    results = study.load()
+    description = {"recipe": study.recipe, "teacher_seeds": [TEACHER_SEED + i for i in range(NUM_TEACHERS)]}
+    if results["study"] is None:
+        description["data"] = describe_data(study)
+        results["study"] = description
+        study.save(results)
+    elif results["study"]["recipe"] != study.recipe:
+        raise SystemExit(
+            f"{study.json_path} was made with another recipe; move it away to start over."
+        )
+    revision = git_revision()
+    say(f"results: {study.json_path}; scratch: {study.runs_dir}; keras_feed at {revision}")
+    ensure_teachers(study, results, revision)
+    write_report(study, results)
+    done = {record["key"] for record in results["runs"]}
+    postponed = []
+    for run in plan():
+        if run.key in done:
+            continue
+        reason = unavailable(run)
+        if reason:
+            say(f"{run.key}: postponed, {reason}")
+            postponed.append(run.key)
+            continue
+        say(f"{run.key}: starting ({run.method}, teachers {list(run.teacher_ids)}, "
+            f"{dict(run.settings)})")
+        try:
+            record = train_student(study, run, revision)
+        except Exception as error:  # keep going; the run is retried on the next start
+            traceback.print_exc()
+            results["failures"][run.key] = f"{type(error).__name__}: {error}"[:500]
+            study.save(results)
+            reset_session()
+            continue
+        results["runs"].append(record)
+        results["failures"].pop(run.key, None)
+        study.save(results)
+        reset_session()
+        say(f"{run.key}: test accuracy {record['test_accuracy']:.4f}, "
+            f"{record['wall_s'] / 60:.1f} min, {record['images_per_s']} images/s")
+        write_report(study, results)
+    write_report(study, results)
+    left = [run.key for run in plan() if run.key not in {r["key"] for r in results["runs"]}]
+    if left:
+        say(f"not finished: {', '.join(left)} (postponed: {', '.join(postponed) or 'none'}); "
+            "run the same command again to continue")
+    else:
+        say("the study is complete")
+
+
+# -- the report -----------------------------------------------------------------
+
+
+def summary(values):
+    """n, mean, sample std (ddof 1) and standard error of `values`."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if n > 1 else float("nan")}
+
+
+def percent(value):
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def mean_std(stats):
+    if stats["n"] == 0:
+        return "–"
+    if stats["n"] == 1:
+        return f"{percent(stats['mean'])} (n=1)"
+    return f"{percent(stats['mean'])} ± {percent(stats['std'])}"
+
+
+def accuracies_by_name(results):
+    by_name = {}
+    for record in results["runs"]:
+        by_name.setdefault(record["name"], []).append(record)
+    for records in by_name.values():
+        records.sort(key=lambda record: record["seed"])
+    return by_name
+
+
+def difference(a, b, label_a, label_b):
+    """A line: mean(a) - mean(b) in points and in standard errors of the difference."""
+    if a["n"] < 2 or b["n"] < 2:
+        return (f"- {label_a} − {label_b}: needs n ≥ 2 on both sides "
+                f"(have n={a['n']} and n={b['n']})")
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+    ratio = diff / se if se > 0 else float("inf")
+    return (f"- {label_a} − {label_b}: {100 * diff:+.2f} points, "
+            f"SE {100 * se:.2f} → {ratio:+.1f} standard errors (n={a['n']} vs n={b['n']})")
+
+
+def write_report(study, results):
+    """Rewrites the markdown table and the two plots from the results."""
+    from keras_feed import storage
+
+    by_name = accuracies_by_name(results)
+    names = list(DESCRIPTIONS)
+    planned = {}
+    for run in plan():
+        planned.setdefault(run.name, []).append(run.seed)
+    recipe = study.recipe
+    data = (results.get("study") or {}).get("data", {})
+    lines = [
+        "# Fashion-MNIST study: pFEED vs one teacher vs plain training",
+        "",
+        "Generated by `python benchmarks/fashion_mnist_study.py` from `fashion_mnist.json`; "
+        "do not edit by hand.",
+        "",
+        f"Setting: {recipe['dataset']}, {recipe['train_examples']} training images "
+        f"(subset seed {recipe['subset_seed']}, index sha256 "
+        f"`{data.get('subset_indices_sha256', '?')[:16]}…`), the full test set "
+        f"({data.get('num_test', '?')} images). Teachers and students: `{recipe['model']}`; "
+        f"SGD Nesterov momentum {recipe['momentum']}, lr {recipe['learning_rate']} "
+        f"{recipe['lr_schedule']}, weight decay {recipe['weight_decay']}, batch "
+        f"{recipe['batch_size']}, {recipe['epochs']} epochs, beta {recipe['beta']:g} "
+        "unless the row says otherwise. Accuracy in %, mean ± sample std over seeds.",
+        "",
+        "| row | what | teachers | n done/planned | test accuracy (%) | per seed | minutes/run "
+        "| images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    stats = {}
+    for name in names:
+        records = by_name.get(name, [])
+        values = [record["test_accuracy"] for record in records]
+        stats[name] = summary(values)
+        teachers = len(next((run.teacher_ids for run in plan() if run.name == name), ()))
+        per_seed = ", ".join(f"s{r['seed']}: {percent(r['test_accuracy'])}" for r in records)
+        minutes = f"{summary([r['wall_s'] / 60 for r in records])['mean']:.1f}" if records else "–"
+        speed = f"{summary([r['images_per_s'] for r in records])['mean']:.0f}" if records else "–"
+        planned_n = len(planned.get(name, []))
+        lines.append(
+            f"| {name} | {DESCRIPTIONS[name]} | {teachers} | {len(records)}/{planned_n} | "
+            f"{mean_std(stats[name])} | {per_seed or 'not run yet'} | {minutes} | {speed} |"
+        )
+    teachers = results["teachers"]
+    teacher_values = [t["test_accuracy"] for t in teachers if t.get("test_accuracy") is not None]
+    for teacher in teachers:
+        minutes = f"{teacher['wall_s'] / 60:.1f}" if teacher.get("wall_s") else "–"
+        speed = f"{teacher['images_per_s']:.0f}" if teacher.get("images_per_s") else "–"
+        lines.append(
+            f"| teacher_{teacher['index']} | teacher, CE, seed {teacher['seed']} | – | 1 | "
+            f"{percent(teacher.get('test_accuracy'))} | | {minutes} | {speed} |"
+        )
+    if teacher_values:
+        lines.append(
+            f"| teachers | the {len(teacher_values)} teachers as a group | – | "
+            f"{len(teacher_values)} | {mean_std(summary(teacher_values))} | | | |"
+        )
+    for size in ("2", "3"):
+        ensemble = results["ensembles"].get(size)
+        if ensemble:
+            lines.append(
+                f"| ensemble_{size} | mean softmax of teachers "
+                f"{', '.join(map(str, ensemble['teachers']))} | {size} | 1 | "
+                f"{percent(ensemble['test_accuracy'])} | | | |"
+            )
+    pairs = results["ensembles"].get("2_all_pairs")
+    if pairs:
+        lines += ["", "Ensembles of two teachers, every pair: " + ", ".join(
+            f"{pair}: {percent(value)}" for pair, value in pairs.items())]
+    ce_all = summary([r["test_accuracy"] for r in by_name.get("ce", [])] + teacher_values)
+    lines += [
+        "",
+        "## Differences",
+        "",
+        "In standard errors of the difference: (mean₁ − mean₂) / sqrt(se₁² + se₂²), "
+        "se = std / sqrt(n). With n = 3 per row this is a rough guide, not a test.",
+        "",
+        difference(stats["pfeed_3"], stats["ce"], "pfeed_3", "ce"),
+        difference(stats["pfeed_3"], stats["feed_1"], "pfeed_3", "feed_1"),
+        difference(stats["pfeed_2"], stats["feed_1"], "pfeed_2", "feed_1"),
+        difference(stats["feed_1"], stats["ce"], "feed_1", "ce"),
+        difference(stats["pfeed_3"], ce_all, "pfeed_3", "every CE run (ce + the teachers)"),
+    ]
+    ensemble_3 = results["ensembles"].get("3", {}).get("test_accuracy")
+    if ensemble_3 is not None and stats["pfeed_3"]["n"]:
+        lines.append(
+            f"- ensemble_3 − pfeed_3: {100 * (ensemble_3 - stats['pfeed_3']['mean']):+.2f} points"
+        )
+    lines += ["", "The teachers are trained with exactly the `ce` recipe (seeds 100-102), so "
+              "they are also three more samples of plain training; the last line pools them "
+              "with the `ce` rows."]
+    feed_rows = [r for r in results["runs"] if r.get("last_feed_loss")]
+    if feed_rows:
+        lines += ["", "## Last epoch's mean FEED loss per teacher (before beta)", ""]
+        for record in feed_rows:
+            losses = ", ".join(f"{value:.4f}" for value in record["last_feed_loss"])
+            lines.append(f"- {record['key']}: {losses}")
+    missing = [run.key for run in plan() if run.key not in {r["key"] for r in results["runs"]}]
+    lines += ["", "## Status", ""]
+    if len(teachers) < NUM_TEACHERS:
+        lines.append(f"- teachers trained: {len(teachers)}/{NUM_TEACHERS}")
+    lines.append(f"- finished student runs: {len(results['runs'])}/{len(plan())}")
+    if missing:
+        lines.append(f"- not run yet: {', '.join(missing)}")
+    for key, error in results.get("failures", {}).items():
+        lines.append(f"- last attempt of {key} failed: {error}")
+    lines += ["- resume (or finish) with: `cd /work/main && nohup nice -n 19 python "
+              "benchmarks/fashion_mnist_study.py > /work/study.log 2>&1 &`", ""]
+    os.makedirs(study.results_dir, exist_ok=True)
+    with storage.atomic_path(study.md_path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines))
+    plot_accuracy(study, results, by_name, teacher_values)
+    plot_feed_loss(study, by_name)
+
+
+def plot_accuracy(study, results, by_name, teacher_values):
+    """Accuracy per row (mean ± std, seeds as dots); the ensembles as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from keras_feed import storage
+
+    rows = [(name, [r["test_accuracy"] for r in by_name[name]])
+            for name in DESCRIPTIONS if name in by_name]
+    if teacher_values:
+        rows.append(("teachers", teacher_values))
+    if not rows:
+        return
+    figure, axes = pyplot.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    for position, (name, values) in enumerate(rows):
+        stats = summary(values)
+        mean = 100 * stats["mean"]
+        std = 0 if stats["n"] < 2 else 100 * stats["std"]
+        axes.errorbar(position, mean, yerr=std, fmt="o", color="C0", capsize=5, markersize=8)
+        axes.scatter([position + 0.12] * len(values), [100 * v for v in values],
+                     s=12, color="C7", zorder=3)
+        axes.annotate(f"n={stats['n']}", (position, mean), textcoords="offset points",
+                      xytext=(8, -14), fontsize=7)
+    for size, style in (("3", "-"), ("2", "--")):
+        ensemble = results["ensembles"].get(size)
+        if ensemble:
+            axes.axhline(100 * ensemble["test_accuracy"], color="C3", linestyle=style,
+                         label=f"ensemble of {size} teachers")
+    axes.set_xticks(range(len(rows)), [name for name, _ in rows], rotation=30, ha="right")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(f"Fashion-MNIST, {study.recipe['train_examples']} training images, "
+                   f"{study.recipe['model']}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    axes.grid(axis="y", alpha=0.3)
+    if results["ensembles"]:
+        axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    with storage.atomic_path(study.accuracy_png) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    pyplot.close(figure)
+
+
+def plot_feed_loss(study, by_name):
+    """Per-teacher FEED loss per epoch of the first pFEED-3 run (feed_1 for contrast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from keras_feed import storage
+
+    if "pfeed_3" not in by_name:
+        return
+    record = by_name["pfeed_3"][0]
+    history = record["history"]
+    figure, axes = pyplot.subplots(figsize=(6.5, 4))
+    for index in range(record["teachers"]):
+        values = history.get(f"feed_loss_{index}", [])
+        axes.plot(range(1, len(values) + 1), values, marker=".",
+                  label=f"pfeed_3 NTL {index} (teacher {index})")
+    if "feed_1" in by_name:
+        same_seed = [r for r in by_name["feed_1"] if r["seed"] == record["seed"]]
+        values = (same_seed or by_name["feed_1"])[0]["history"].get("feed_loss_0", [])
+        axes.plot(range(1, len(values) + 1), values, "k--", linewidth=1,
+                  label="feed_1 NTL 0 (teacher 0)")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("mean FEED loss (before beta)")
+    axes.set_yscale("log")
+    axes.set_title(f"FEED loss per teacher, pfeed_3 seed {record['seed']}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with storage.atomic_path(study.feed_loss_png) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    pyplot.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite the table and plots from the json; train nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="synthetic data, resnet8, 1 epoch; results into a temporary folder")
+    parser.add_argument("--results_dir", default=None,
+                        help="default: benchmarks/results (smoke: a new temporary folder)")
+    parser.add_argument("--runs_dir", default=None,
+                        help="scratch folders of the runs; default: runs/fashion_mnist_study")
+    args = parser.parse_args()
+    if args.smoke:
+        results_dir = args.results_dir or tempfile.mkdtemp(prefix="fashion_mnist_smoke_")
+        runs_dir = args.runs_dir or os.path.join(results_dir, "runs")
+        study = Study(results_dir, runs_dir, SMOKE_RECIPE)
+    else:
+        study = Study(
+            args.results_dir or os.path.join(REPO, "benchmarks", "results"),
+            args.runs_dir or os.path.join(REPO, "runs", "fashion_mnist_study"),
+            RECIPE,
+        )
+    if args.report_only:
+        write_report(study, study.load())
+        say(f"wrote {study.md_path}")
+        return
+    os.makedirs(study.runs_dir, exist_ok=True)
+    with open(os.path.join(study.runs_dir, "study.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"Another study is running on {study.runs_dir}; not starting twice.")
+        run_study(study)
+
+
+if __name__ == "__main__":
+    main()
