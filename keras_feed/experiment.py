@@ -16,6 +16,7 @@ its teachers and their ensemble, and writes the outputs into `config.model_dir`:
                               `keras_feed.checkpointing`); removed when complete
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ import tensorflow as tf
 from keras_feed import checkpointing
 from keras_feed import data as data_lib
 from keras_feed import distiller as distiller_lib
+from keras_feed import distribute
 from keras_feed import models
 from keras_feed import storage
 from keras_feed import translators as translators_lib
@@ -70,6 +72,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     validation_freq: int = 0  # evaluate on the test split every N epochs; 0: never
     jit_compile: bool = False
+    mixed_precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    strategy: str = "default"  # default | mirrored | multi_worker | tpu (keras_feed.distribute)
+    tpu: str | None = None  # --strategy=tpu: TPU name or grpc:// address
+    tpu_zone: str | None = None
+    gcp_project: str | None = None
     unsafe_load: bool = False
     generations: int = 2  # sfeed: born-again generations after generation 0
     ft_rate: float = 0.5  # ft: paraphrase rate k (factor channels = k * C)
@@ -89,6 +96,7 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("step", "cosine")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def say(message, *args):
@@ -172,6 +180,7 @@ class Experiment:
         self.method = method
         self.strategy = strategy or tf.distribute.get_strategy()
         check_config(config, method)
+        distribute.check_batch_size(self.strategy, config.batch_size)
         if config.dry_run:  # describe the data, never download or read it all
             self.data = None
             self.info = data_lib.describe(
@@ -251,9 +260,11 @@ class Experiment:
     # -- models ----------------------------------------------------------------
 
     def build_model(self, name, *, seed):
-        return models.build(
-            name, input_shape=self.input_shape, num_classes=self.num_classes, seed=seed
-        )
+        """A fresh `name` model, its variables created in the strategy's scope."""
+        with self.strategy.scope():
+            return models.build(
+                name, input_shape=self.input_shape, num_classes=self.num_classes, seed=seed
+            )
 
     def build_student(self, seed=None):
         """A fresh student of `config.model`, seeded with `config.seed` by default."""
@@ -396,7 +407,9 @@ class Experiment:
         validation = {}
         if validate and config.validation_freq:
             validation = dict(
-                validation_data=self.data.test(config.eval_batch_size),
+                validation_data=distribute.evaluation_dataset(
+                    self.strategy, self.data.test(config.eval_batch_size)
+                ),
                 validation_freq=config.validation_freq,
             )
         callbacks = [
@@ -420,9 +433,9 @@ class Experiment:
         # the later epochs, each from the pipeline rebuilt at its position.
         for initial_epoch, skip_batches, end_epoch in checkpoint.segments():
             model.fit(
-                self.data.train(
-                    config.batch_size, seed=seed, start_epoch=initial_epoch,
-                    skip_batches=skip_batches,
+                distribute.train_dataset(
+                    self.strategy, self.data, config.batch_size, seed=seed,
+                    start_epoch=initial_epoch, skip_batches=skip_batches,
                 ),
                 initial_epoch=initial_epoch,
                 epochs=end_epoch,
@@ -439,7 +452,7 @@ class Experiment:
     def predict_probabilities(self, model):
         """Softmax outputs of `model` on the test split, `(num_test, classes)`."""
         images = self.data.test(self.config.eval_batch_size).map(lambda x, y: x)
-        logits = model.predict(images, verbose=0)
+        logits = distribute.predict(self.strategy, model, images)
         return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
 
     def test_labels(self):
@@ -486,12 +499,14 @@ class Experiment:
         """Saves the student, its export, the NTLs and `metrics.json`."""
         model_dir = self.config.model_dir
         metrics = self.evaluate(student, teachers)
+        # Stages an earlier, interrupted attempt of this run finished count too.
+        stages = {**checkpointing.finished_stages(model_dir), **self.history}
         metrics.update(
             method=self.method.name,
             dataset=self.info.name,
             num_train=self.info.num_train,
             config=dataclasses.asdict(self.config),
-            stages=self.history,
+            stages=stages,
             teacher_paths=[os.path.abspath(path) for path in self.teacher_paths],
         )
         metrics.update(extra or {})
@@ -597,6 +612,40 @@ def run(config, *, strategy=None):
     from keras_feed import methods  # methods build on this module
 
     method = methods.get(config.method)
+    if strategy is None:
+        strategy = distribute.make_strategy(
+            config.strategy, tpu=config.tpu, tpu_zone=config.tpu_zone,
+            gcp_project=config.gcp_project,
+        )
+    # Every worker runs the same program; only the chief writes into model_dir.
+    config = dataclasses.replace(
+        config,
+        model_dir=distribute.worker_path(strategy, config.model_dir),
+        teacher_dir=distribute.worker_path(strategy, config.teacher_dir),
+    )
+    with dtype_policy(config.mixed_precision):  # before any model is built
+        return _run(config, method, strategy)
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy `name` (one of `PRECISIONS`) inside the block.
+
+    Under `mixed_float16` or `mixed_bfloat16` layers compute in 16 bits and keep
+    float32 weights; the loss terms are float32 and, for float16, `compile`
+    wraps the optimizer in a `LossScaleOptimizer` (dynamic loss scaling).
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"Unknown --mixed_precision '{name}'; choose from {', '.join(PRECISIONS)}.")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _run(config, method, strategy):
     if config.deterministic:
         checkpointing.enable_determinism(config.seed)
     experiment = Experiment(config, method, strategy=strategy)

@@ -55,6 +55,13 @@ flags.DEFINE_float("temperature", 4.0, "KD temperature.")
 flags.DEFINE_integer("seed", 0, "Seed of the student's initialisation, data order and augmentation.")
 flags.DEFINE_integer("validation_freq", 0, "Evaluate on the test split every N epochs during training (0: only at the end).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy: 16-bit computation with float32 weights and loss terms (float16 with loss scaling).")
+
+# Devices (keras_feed.distribute).
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy: one device, this machine's replicas, several machines (cluster from TF_CONFIG), or a TPU.")
+flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU's name or grpc:// address; default: from the environment.")
+flags.DEFINE_string("tpu_zone", None, "--strategy=tpu: the TPU's Google Cloud zone.")
+flags.DEFINE_string("gcp_project", None, "--strategy=tpu: the TPU's Google Cloud project.")
 
 # Sequential FEED and Factor Transfer.
 flags.DEFINE_integer("generations", 2, "sfeed: born-again generations distilled after generation 0.")

@@ -1,0 +1,473 @@
+"""Reliability: killed runs resume bitwise, outputs are atomic, non-finite losses stop
+a run cleanly, bad inputs fail with one line before training, unsafe files are refused.
+
+Every run here is a `python -m keras_feed.train` subprocess on tiny synthetic data;
+independent runs go concurrently (a few at a time) to keep the file's time modest,
+and everything that waits for a run polls files with generous timeouts, so a slow,
+busy machine only makes the tests slower.
+"""
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from keras_feed import checkpointing
+from keras_feed import storage
+
+TIMEOUT = 600  # seconds for one run on a busy machine
+POOL = 3  # runs at a time
+
+# 16 steps an epoch, 2 epochs for the teacher and 2 for the student, a checkpoint every
+# 3 steps: a kill at a random moment lands mid-epoch most of the time.
+RUN = [
+    "--method=pfeed",
+    "--dataset=synthetic",
+    "--model=resnet8",
+    "--num_teachers=1",
+    "--train_examples=256",
+    "--batch_size=16",
+    "--epochs=2",
+    "--teacher_epochs=2",
+    "--learning_rate=0.05",
+    "--lr_schedule=cosine",
+    "--checkpoint_steps=3",
+    "--eval_batch_size=128",
+    "--deterministic",
+    "--verbose=0",
+]
+# For the inputs that must be refused: small, so that a wrongly accepted one ends fast.
+SMALL = ["--dataset=synthetic", "--model=resnet8", "--train_examples=64", "--batch_size=16",
+         "--epochs=1", "--teacher_epochs=1", "--num_teachers=1", "--verbose=0"]
+
+
+def command(*args):
+    return [sys.executable, "-m", "keras_feed.train", *args]
+
+
+def start(args, log_path):
+    """Starts a training run in its own process group; its output goes to `log_path`."""
+    log = open(log_path, "w")
+    process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    log.close()
+    return process
+
+
+def finish(process, log_path):
+    """Waits for `process`; returns `(returncode, output)`."""
+    process.wait(timeout=TIMEOUT)
+    with open(log_path) as handle:
+        return process.returncode, handle.read()
+
+
+def run(args, log_path):
+    return finish(start(args, log_path), log_path)
+
+
+def error_lines(output):
+    """The output lines that are not TensorFlow's C++ start-up chatter."""
+    return [line for line in output.splitlines()
+            if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
+
+
+def snapshot(folder):
+    """Every file below `folder` with its size and modification time."""
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+    return state
+
+
+def student_weights(model_dir):
+    model = storage.load_model(os.path.join(model_dir, "student.keras"))
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def assert_bitwise_equal(weights, reference):
+    assert len(weights) == len(reference)
+    for index, (value, expected) in enumerate(zip(weights, reference)):
+        assert value.dtype == expected.dtype and value.shape == expected.shape, index
+        assert value.tobytes() == expected.tobytes(), f"weight {index} differs"
+
+
+def assert_outputs_complete(model_dir):
+    """Every output file present is whole: no half-written file looks complete."""
+    for root, _, files in os.walk(model_dir):
+        if storage.PARTIAL_MARK in root:
+            continue
+        for name in files:
+            path = os.path.join(root, name)
+            if storage.PARTIAL_MARK in name or name == checkpointing.LOCK_FILE:
+                continue
+            if name.endswith(".keras"):
+                storage.load_model(path)
+            elif name.endswith(".json"):
+                with open(path) as handle:
+                    json.load(handle)
+            elif name.endswith((".npz", ".h5")):
+                assert zipfile.is_zipfile(path) or name.endswith(".h5"), path
+                if name.endswith(".npz"):
+                    with np.load(path) as archive:
+                        archive["meta"]
+    export = os.path.join(model_dir, "export")
+    if os.path.exists(export):
+        assert os.path.isfile(os.path.join(export, "saved_model.pb"))
+        assert os.path.isdir(os.path.join(export, "variables"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted deterministic run, started at once and awaited when needed."""
+    folder = str(tmp_path_factory.mktemp("reference"))
+    model_dir = os.path.join(folder, "run")
+    log_path = os.path.join(folder, "log.txt")
+    process = start(RUN + [f"--model_dir={model_dir}"], log_path)
+    done = {}
+
+    def wait():
+        if not done:
+            done["result"] = finish(process, log_path)
+            assert done["result"][0] == 0, done["result"][1]
+        return model_dir
+
+    yield wait
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# -- 1. resume -----------------------------------------------------------------
+
+
+def wait_for(path, process, timeout=TIMEOUT):
+    """Polls until `path` exists (True) or `process` has exited (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
+    """SIGKILL at random moments (during a teacher, the student, the outputs), rerun: the
+    stages done are not redone, and the student ends bitwise equal to an uninterrupted run."""
+    model_dir = str(tmp_path / "run")
+    args = RUN + [f"--model_dir={model_dir}"]
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 100000))
+    rng = random.Random(seed)
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    # Kill when this file appears, after a random delay (0: at once).
+    plan = [
+        (os.path.join(checkpoints, "teacher_0", checkpointing.STATE_FILE), rng.uniform(0.0, 0.6)),
+        (os.path.join(checkpoints, "student", checkpointing.STATE_FILE), rng.uniform(0.0, 0.6)),
+        (os.path.join(model_dir, "student.keras"), 0.0),
+    ]
+    logs = []
+    for attempt, (trigger, delay) in enumerate(plan):
+        log_path = str(tmp_path / f"attempt_{attempt}.txt")
+        process = start(args, log_path)
+        if wait_for(trigger, process):
+            time.sleep(delay)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=TIMEOUT)
+        with open(log_path) as handle:
+            logs.append(handle.read())
+        assert process.returncode in (0, -signal.SIGKILL), logs[-1]
+        assert_outputs_complete(model_dir)
+    returncode, output = run(args, str(tmp_path / "final.txt"))
+    logs.append(output)
+    assert returncode == 0, output
+    history = "\n---\n".join(error_lines("\n".join(logs)))
+    context = f"kill seed {seed} (rerun with KILL_SEED={seed}):\n{history}"
+
+    assert_bitwise_equal(student_weights(model_dir), student_weights(reference()))
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    with open(os.path.join(reference(), "metrics.json")) as handle:
+        expected = json.load(handle)
+    assert metrics["student"] == expected["student"], context
+    assert metrics["teachers"] == expected["teachers"], context
+    for stage in ("teacher_0", "student"):
+        assert metrics["stages"][stage]["history"] == expected["stages"][stage]["history"], context
+    assert not os.path.exists(checkpoints), "checkpoints are removed once the run is complete"
+
+    # After the kill in the student stage, the teacher was reused and the student resumed.
+    after_student_kill = "\n".join(logs[2:])
+    assert "Reusing teacher" in after_student_kill, context
+    assert "Stage teacher_0" not in after_student_kill, context
+    assert "Stage student: 2 epochs" not in after_student_kill, context
+    assert "Stage student: resuming" in history or "Stage student: trained already" in history, context
+    # Every attempt wrote metrics.json at most once; the last attempts did not retrain.
+    assert sum("Outputs in" in log for log in logs) == 1, context
+
+
+def test_finished_run_is_not_trained_again(reference):
+    model_dir = reference()
+    before = snapshot(model_dir)
+    returncode, output = run(RUN + [f"--model_dir={model_dir}"], os.path.join(model_dir, "..", "again.txt"))
+    assert returncode == 0, output
+    assert "nothing to train" in output
+    assert snapshot(model_dir) == before
+
+
+# -- 2. atomic outputs -------------------------------------------------------------
+
+
+def test_failed_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    storage.write_json(path, {"version": 1})
+    with pytest.raises(RuntimeError):
+        with storage.atomic_path(path) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write('{"version": ')  # half a file, then a crash
+            raise RuntimeError("crash")
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_failed_export_keeps_the_old_folder(tmp_path):
+    folder = tmp_path / "export"
+    with storage.atomic_path(folder, directory=True) as temporary:
+        open(os.path.join(temporary, "saved_model.pb"), "w").write("old")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_path(folder, directory=True) as temporary:
+            open(os.path.join(temporary, "saved_model.pb"), "w").write("new, half")
+            raise RuntimeError("crash")
+    assert (folder / "saved_model.pb").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert oct(os.stat(folder).st_mode & 0o077) != "0o0", "the folder keeps the umask's permissions"
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from keras_feed import storage
+with storage.atomic_path(sys.argv[1]) as temporary:
+    with open(temporary, "w") as handle:
+        handle.write("half of a new file")
+        handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writer_killed_mid_write_leaves_old_file_and_a_recognised_partial(tmp_path):
+    target = tmp_path / "student.keras"
+    target.write_text("the old, whole file")
+    os.makedirs(tmp_path / "export")
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], timeout=TIMEOUT)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_text() == "the old, whole file"
+    leftovers = [name for name in os.listdir(tmp_path) if name not in ("student.keras", "export")]
+    assert len(leftovers) == 1 and storage.PARTIAL_MARK in leftovers[0]
+    stale_dir = tmp_path / "checkpoints" / f".state.npz{storage.PARTIAL_MARK}x.tmp"
+    os.makedirs(stale_dir)
+    assert len(storage.remove_partial_files(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "export", "student.keras"]
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+# -- 3. non-finite losses, 4. bad inputs, 5. safe loading ---------------------------------
+
+
+def save_teacher(path, *, classes=10, shape=(16, 16, 3), feature_layer="features",
+                 with_lambda=False, kernel_value=None):
+    """A tiny functional teacher; optional Lambda layer or constant (huge) kernels."""
+    initializer = "glorot_uniform" if kernel_value is None else keras.initializers.Constant(kernel_value)
+    inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", kernel_initializer=initializer)(inputs)
+    if with_lambda:
+        x = keras.layers.Lambda(lambda tensor: tensor * 2.0)(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", kernel_initializer=initializer)(x)
+    x = keras.layers.ReLU(name=feature_layer)(x)
+    outputs = keras.layers.Dense(classes)(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, outputs, name="tiny_teacher").save(str(path))
+    return str(path)
+
+
+def write_idx(path, array):
+    array = np.asarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def idx_folder(folder, *, labels_short=False, truncate=False):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 64), ("t10k", 32)):
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 255, size=(count, 16, 16)))
+        labels = rng.integers(0, 4, size=count - (1 if labels_short and prefix == "train" else 0))
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels)
+    if truncate:
+        path = os.path.join(folder, "train-images-idx3-ubyte")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:-100])
+    return str(folder)
+
+
+def image_folder(folder, *, classes=("a", "b"), corrupt=None):
+    import tensorflow as tf
+
+    png = tf.io.encode_png(np.full((16, 16, 3), 128, np.uint8)).numpy()
+    for split in ("train", "test"):
+        for name in classes:
+            os.makedirs(os.path.join(folder, split, name))
+            for index in range(8 if split == "train" else 2):
+                open(os.path.join(folder, split, name, f"{index}.png"), "wb").write(png)
+    if corrupt:
+        open(os.path.join(folder, corrupt), "wb").write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 8)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad (and one unsafe) input files, made once."""
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = {
+        "lambda": save_teacher(folder / "lambda.keras", with_lambda=True),
+        "three_classes": save_teacher(folder / "three.keras", classes=3),
+        "no_features": save_teacher(folder / "nofeat.keras", feature_layer="last_relu"),
+        "grey_input": save_teacher(folder / "grey.keras", shape=(28, 28, 1)),
+        "inf_features": save_teacher(folder / "inf.keras", kernel_value=1e30),
+        "truncated_idx": idx_folder(folder / "idx_truncated", truncate=True),
+        "short_labels": idx_folder(folder / "idx_short", labels_short=True),
+        "corrupt_png": image_folder(str(folder / "png_corrupt"), corrupt="train/b/3.png"),
+        "one_class": image_folder(str(folder / "png_one"), classes=("a",)),
+        "text_file": str(folder / "notes.txt"),
+    }
+    open(paths["text_file"], "w").write("not a model\n")
+    open(folder / "text.keras", "w").write("not a zip archive\n")
+    paths["text_keras"] = str(folder / "text.keras")
+    with zipfile.ZipFile(folder / "broken.keras", "w") as archive:
+        archive.writestr("config.json", "{not json")
+    paths["broken_keras"] = str(folder / "broken.keras")
+    return paths
+
+
+# (id, extra flags, text the one error line must contain); {name} -> inputs[name],
+# {done} -> the reference run's finished model_dir.
+BAD_INPUTS = [
+    ("epochs_zero", ["--epochs=0"], "--epochs"),
+    ("kd_weight_range", ["--kd_weight=1.5"], "--kd_weight"),
+    ("negative_checkpoint_steps", ["--checkpoint_steps=-2"], "--checkpoint_steps"),
+    ("lr_decay_not_numbers", ["--lr_decay_epochs=ten,20"], "--lr_decay_epochs"),
+    ("unknown_flag", ["--no_such_flag=1"], "no_such_flag"),
+    ("flag_of_wrong_type", ["--epochs=many"], "--epochs"),
+    ("missing_flagfile", ["--flagfile=/nonexistent/run.cfg"], "/nonexistent/run.cfg"),
+    ("batch_larger_than_data", ["--train_examples=16", "--batch_size=32"], "batch_size"),
+    ("teacher_not_a_keras_file", ["--teachers={text_keras}"], "text.keras"),
+    ("teacher_broken_archive", ["--teachers={broken_keras}"], "broken.keras"),
+    ("teacher_wrong_class_count", ["--teachers={three_classes}"], "3 classes"),
+    ("teacher_missing_feature_layer", ["--teachers={no_features}"], "'features'"),
+    ("teacher_wrong_input_shape", ["--teachers={grey_input}"], "(28, 28, 1)"),
+    ("teacher_with_code_refused", ["--teachers={lambda}"], "--unsafe_load"),
+    ("student_layer_not_a_map", ["--student_layer=logits"], "(batch, H, W, C)"),
+    ("idx_truncated", ["--dataset=idx", "--data_dir={truncated_idx}"], "truncated"),
+    ("idx_label_count", ["--dataset=idx", "--data_dir={short_labels}"], "labels"),
+    ("image_corrupt", ["--dataset=folder", "--data_dir={corrupt_png}"], "3.png"),
+    ("image_one_class", ["--dataset=folder", "--data_dir={one_class}"], "at least 2 class"),
+    ("data_dir_is_a_file", ["--dataset=idx", "--data_dir={text_file}"], "notes.txt"),
+    ("model_dir_is_a_file", ["--model_dir={text_file}"], "notes.txt"),
+    ("finished_run_other_settings", ["--epochs=3"], "--epochs: 2 there, 3 now"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(reference, inputs, tmp_path_factory):
+    """Runs every BAD_INPUTS row (a few at a time) against the finished reference run."""
+    model_dir = reference()
+    before = snapshot(model_dir)
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    values = dict(inputs, done=model_dir)
+
+    def one(row):
+        name, extra, _ = row
+        base = RUN if name == "finished_run_other_settings" else SMALL
+        args = base + [f"--model_dir={model_dir}"] + [a.format(**values) for a in extra]
+        return run(args, str(folder / f"{name}.txt"))
+
+    with concurrent.futures.ThreadPoolExecutor(POOL) as pool:
+        results = dict(zip([row[0] for row in BAD_INPUTS], pool.map(one, BAD_INPUTS)))
+    return results, before, model_dir
+
+
+@pytest.mark.parametrize("name,extra,named", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_before_training(bad_input_results, name, extra, named):
+    results, _, _ = bad_input_results
+    returncode, output = results[name]
+    lines = error_lines(output)
+    assert returncode == 1, output
+    assert len(lines) == 1, output
+    assert lines[0].startswith("keras-feed-train: error: ") and named in lines[0], lines[0]
+
+
+def test_bad_inputs_change_nothing_in_the_model_dir(bad_input_results):
+    _, before, model_dir = bad_input_results
+    assert snapshot(model_dir) == before
+
+
+def test_unsafe_teacher_is_used_with_unsafe_load(inputs, tmp_path):
+    model_dir = str(tmp_path / "run")
+    returncode, output = run(
+        SMALL + [f"--teachers={inputs['lambda']}", "--unsafe_load", f"--model_dir={model_dir}"],
+        str(tmp_path / "log.txt"))
+    assert returncode == 0, output
+    assert os.path.isfile(os.path.join(model_dir, "metrics.json"))
+
+
+def test_safe_mode_refuses_code_unless_asked(inputs):
+    with pytest.raises(storage.ModelFileError, match="unsafe_load"):
+        storage.load_model(inputs["lambda"])
+    model = storage.load_model(inputs["lambda"], unsafe=True)
+    assert any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
+
+
+def test_non_finite_loss_names_the_term_and_step(inputs, tmp_path):
+    """A teacher whose feature map overflows makes feed_loss_0 NaN at the first step."""
+    model_dir = str(tmp_path / "run")
+    returncode, output = run(
+        SMALL + [f"--teachers={inputs['inf_features']}", f"--model_dir={model_dir}"],
+        str(tmp_path / "log.txt"))
+    lines = error_lines(output)
+    assert returncode == 1, output
+    assert "step 1 (epoch 1, batch 1)" in lines[-1] and "'feed_loss_0' is nan" in lines[-1], output
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    """lr=1000 diverges within the first epoch; the checkpoint on disk is the last finite one."""
+    model_dir = str(tmp_path / "run")
+    returncode, output = run(
+        ["--method=ce", "--dataset=synthetic", "--model=resnet8", "--train_examples=128",
+         "--batch_size=16", "--epochs=2", "--learning_rate=1000", "--checkpoint_steps=1",
+         "--verbose=0", f"--model_dir={model_dir}"],
+        str(tmp_path / "log.txt"))
+    line = error_lines(output)[-1]
+    assert returncode == 1, output
+    assert line.startswith("keras-feed-train: error: Stage student stopped at step "), line
+    assert "last good checkpoint" in line, line
+    stopped = int(line.split("stopped at step ")[1].split()[0])
+    path = os.path.join(model_dir, "checkpoints", "student", checkpointing.STATE_FILE)
+    with np.load(path) as archive:
+        meta = json.loads(bytes(archive["meta"]).decode())
+        values = [archive[f"v{i}"] for i in range(meta["count"])]
+    assert 0 < meta["step"] < stopped
+    assert all(np.all(np.isfinite(v)) for v in values if v.dtype.kind == "f")
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
