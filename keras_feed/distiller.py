@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_feed import distribute
 from keras_feed import losses
 from keras_feed import translators as translators_lib
 
@@ -430,13 +431,14 @@ class FEEDDistiller(keras.Model):
         for tracker in self.metrics[:-1]:
             tracker.update_state(terms[tracker.name], sample_weight=batch_size)
         self.accuracy_tracker.update_state(labels, logits)
-        return {metric.name: metric.result() for metric in self.metrics}
+        return distribute.step_logs({metric.name: metric.result() for metric in self.metrics})
 
     def train_step(self, data):
         images, labels = data[0], data[1]
         teacher_logits, teacher_targets = self.teacher_outputs(images)
         extractor = self._frozen.value["student_extractor"]
         variables = self.trainable_variables
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             logits, student_features = extractor(images, training=True)
             terms = self.compute_loss_terms(
@@ -444,17 +446,34 @@ class FEEDDistiller(keras.Model):
             )
             # Each replica sees 1/R of the global batch: scale so that the sum of
             # the replicas' gradients is the gradient of the global mean.
-            replica_loss = terms["loss"] / tf.cast(
-                tf.distribute.get_strategy().num_replicas_in_sync, tf.float32
-            )
-            scaled_loss = self.optimizer.scale_loss(replica_loss)
+            scaled_loss = self.optimizer.scale_loss(terms["loss"] / float(replicas))
         gradients = tape.gradient(scaled_loss, variables)
         if self.weight_decay:
             gradients = add_weight_decay(
                 self.optimizer, gradients, variables, self.weight_decay
             )
         self.optimizer.apply_gradients(zip(gradients, variables))
+        if replicas > 1:
+            # Replicas must issue their collectives in one order: this one
+            # after the optimizer's (a read of an updated weight orders it).
+            with tf.control_dependencies([variables[0].value]):
+                self._average_replica_state()
         return self._update_metrics(terms, labels, logits)
+
+    def _average_replica_state(self):
+        """Sets the replicas' BatchNorm moving statistics to their mean.
+
+        Keras 3 updates them on each replica from its own slice of the batch
+        (aggregation "none"), so each replica would keep, and the chief save,
+        statistics of its shard alone. One small all-reduce a step.
+        """
+        state = [v for v in self.non_trainable_variables if "float" in str(v.dtype)]
+        if state:
+            means = tf.distribute.get_replica_context().all_reduce(
+                "MEAN", [tf.identity(variable) for variable in state]  # on this replica's device
+            )
+            for variable, mean in zip(state, means):
+                variable.assign(mean)
 
     def test_step(self, data):
         """The student's own metrics (`loss` = `ce_loss`, `accuracy`) on a batch.
@@ -468,10 +487,21 @@ class FEEDDistiller(keras.Model):
         self.loss_tracker.update_state(ce, sample_weight=batch_size)
         self.ce_tracker.update_state(ce, sample_weight=batch_size)
         self.accuracy_tracker.update_state(labels, logits)
-        return {
-            metric.name: metric.result()
-            for metric in (self.loss_tracker, self.ce_tracker, self.accuracy_tracker)
-        }
+        return distribute.step_logs(
+            {
+                metric.name: metric.result()
+                for metric in (self.loss_tracker, self.ce_tracker, self.accuracy_tracker)
+            }
+        )
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras calls this at the start of fit/evaluate to build what is not
+        # built yet from a first batch, which under a strategy it first reduces
+        # across replicas: MultiWorkerMirroredStrategy cannot reduce an
+        # (images, labels) batch (Keras 3.15). Everything here but the
+        # optimizer is built in __init__, so no batch is needed.
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def get_config(self):
         # The distiller is a training harness, saved as its parts: the student
