@@ -1,0 +1,59 @@
+"""Mixed precision and XLA: the same FEED step as in float32, within tolerance."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_net
+from keras_feed import FEEDDistiller, experiment
+from keras_feed.distiller import feature_extractor
+
+
+def feed_step(policy, task, *, jit_compile=False):
+    """One FEED step under the dtype policy `policy`: (update of every weight, logs, distiller)."""
+    images, labels = task
+    teachers = [tiny_net(f"t{i}", width=6 + 2 * i, classes=4, seed=10 + i) for i in range(2)]
+    with experiment.dtype_policy(policy):
+        student = tiny_net("student", classes=4, seed=0)
+        keras.utils.set_random_seed(1)  # the NTLs
+        distiller = FEEDDistiller(student, teachers, beta=50.0, kd_weight=0.3, weight_decay=5e-4)
+        distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit_compile)
+    before = [w.numpy().copy() for w in distiller.trainable_weights]
+    logs = distiller.train_on_batch(images[:32], labels[:32], return_dict=True)
+    update = np.concatenate(
+        [(w.numpy() - old).ravel() for w, old in zip(distiller.trainable_weights, before)]
+    )
+    return update, logs, distiller
+
+
+def relative_error(got, expected):
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("policy, tolerance", [("mixed_float16", 1e-2), ("mixed_bfloat16", 3e-2)])
+def test_mixed_precision_step_matches_float32(learnable_task, policy, tolerance):
+    reference, reference_logs, _ = feed_step("float32", learnable_task)
+    update, logs, distiller = feed_step(policy, learnable_task)
+    assert distiller.student.layers[1].compute_dtype == policy.split("_")[1]
+    assert all(w.dtype == "float32" for w in distiller.trainable_weights)
+    scaled = isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (policy == "mixed_float16")  # loss scaling for float16 only
+    assert np.any(update)  # the step was applied, not skipped as non-finite
+    assert relative_error(update, reference) < tolerance
+    for name, value in reference_logs.items():
+        assert logs[name] == pytest.approx(value, rel=tolerance, abs=1e-3), name
+    # 16-bit activations in, float32 loss terms out.
+    images, labels = learnable_task
+    logits, features = feature_extractor(distiller.student, "features", name="check")(images[:8])
+    assert features.dtype == policy.split("_")[1]
+    teacher_logits, targets = distiller.teacher_outputs(images[:8])
+    terms = distiller.compute_loss_terms(labels[:8], logits, features, teacher_logits, targets, False)
+    assert set(terms) == {"loss", "ce_loss", "feed_loss_0", "feed_loss_1", "kd_loss"}
+    assert all(term.dtype == "float32" for term in terms.values())
+
+
+def test_xla_step_matches(learnable_task):
+    reference, _, _ = feed_step("float32", learnable_task)
+    update, _, distiller = feed_step("float32", learnable_task, jit_compile=True)
+    assert distiller.jit_compile
+    assert relative_error(update, reference) < 1e-4
