@@ -226,7 +226,12 @@ class Experiment:
                 return
             teachers = [self._load_teacher(path) for path in self.config.teachers]
             if not teachers:
-                teachers = [self.build_model(self.method.teacher_architecture(self.config), seed=0)]
+                architecture = self.method.teacher_architecture(self.config)
+                teachers = [
+                    student  # same architecture: its shapes are the teacher's
+                    if architecture == self.config.model
+                    else self.build_model(architecture, seed=0)
+                ]
             for teacher in teachers:
                 self._check_teacher(teacher, student)
             self.checked_models["teachers"] = teachers

@@ -60,13 +60,23 @@ def test_ft(tmp_path, teacher_dir):
     assert [entry["config"]["out_channels"] for entry in spec] == [32, 32]  # rate 0.5 of 64
 
 
-def test_pfeed_with_kd(tmp_path, teacher_dir):
-    metrics = train("pfeed", tmp_path, teacher_dir, kd_weight=0.5, beta=100.0)
+@pytest.fixture(scope="module")
+def pfeed_kd_run(tmp_path_factory, teacher_dir):
+    model_dir = tmp_path_factory.mktemp("pfeed_kd")
+    return model_dir, train("pfeed", model_dir, teacher_dir, kd_weight=0.5, beta=100.0)
+
+
+def test_pfeed_with_kd(pfeed_kd_run):
+    _, metrics = pfeed_kd_run
     logged = metrics["stages"]["student"]["last_epoch"]
     assert {"feed_loss_0", "feed_loss_1", "kd_loss"} <= set(logged)
+    assert logged["loss"] == pytest.approx(
+        0.5 * logged["ce_loss"] + 0.5 * logged["kd_loss"]
+        + 100.0 * (logged["feed_loss_0"] + logged["feed_loss_1"]), rel=1e-3
+    )
 
 
-def test_sfeed_and_analysis(tmp_path, teacher_dir):
+def test_sfeed_and_analysis(tmp_path, teacher_dir, pfeed_kd_run):
     sfeed_dir = tmp_path / "sfeed"
     metrics = train("sfeed", sfeed_dir, teacher_dir, generations=2)
     assert [g["generation"] for g in metrics["generations"]] == [0, 1, 2]
@@ -75,8 +85,7 @@ def test_sfeed_and_analysis(tmp_path, teacher_dir):
     assert metrics["student"]["test_accuracy"] == pytest.approx(metrics["generations"][-1]["test_accuracy"])
     assert metrics["teacher_paths"] == [str(sfeed_dir / "generations" / "gen_1.keras")]
 
-    pfeed_dir = tmp_path / "pfeed"
-    train("pfeed", pfeed_dir, teacher_dir)
+    pfeed_dir, _ = pfeed_kd_run
     out = tmp_path / "analysis"
     result = subprocess.run(
         [sys.executable, "-m", "keras_feed.analyze", f"--runs={pfeed_dir},{sfeed_dir}",
@@ -91,21 +100,47 @@ def test_sfeed_and_analysis(tmp_path, teacher_dir):
             assert 0.0 <= entry["relative_l2_error"] <= 2.0 and entry["feed_loss"] >= 0.0
     assert (out / "reconstruction_error.png").stat().st_size > 1000
 
-    # A run whose metrics list fewer teachers than it has NTLs is refused.
+
+def test_analysis_measures_against_numpy(pfeed_kd_run):
+    import numpy as np
+
+    from keras_feed import analysis, data
+
+    pfeed_dir, _ = pfeed_kd_run
+    parts = analysis.RunParts(str(pfeed_dir))
+    images = data.load("synthetic").test(16).take(1)
+    count, per_teacher = analysis.measure(parts, images)
+    batch = next(iter(images))[0]
+    _, student_map = parts.student(batch)
+    _, teacher_map = parts.teachers[1](batch)
+    target = teacher_map.numpy().reshape(count, -1)
+    output = parts.translators[1](student_map).numpy().reshape(count, -1)
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    output /= np.linalg.norm(output, axis=1, keepdims=True)
+    expected = np.mean(np.linalg.norm(target - output, axis=1))
+    assert per_teacher[1]["relative_l2_error"] == pytest.approx(expected, rel=1e-5)
+    assert per_teacher[1]["feed_loss"] == pytest.approx(np.mean(np.abs(target - output)), rel=1e-5)
+
+
+def test_analysis_refuses_runs_it_cannot_measure(tmp_path, pfeed_kd_run):
+    from keras_feed import analysis
+
+    pfeed_dir, _ = pfeed_kd_run
     broken = tmp_path / "broken"
     shutil.copytree(pfeed_dir, broken)
     metrics_path = broken / "metrics.json"
     data = json.loads(metrics_path.read_text())
     data["teacher_paths"] = data["teacher_paths"][:1]
     metrics_path.write_text(json.dumps(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.analyze", f"--runs={broken}", "--dataset=synthetic",
-         f"--output_dir={tmp_path / 'analysis2'}"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 1
-    assert "2 saved NTLs but lists 1 teachers" in result.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(tmp_path / "analysis2")
+    with pytest.raises(ValueError, match="2 saved NTLs but lists 1 teachers"):
+        analysis.RunParts(str(broken))
+    os.remove(broken / "translators.weights.h5")
+    with pytest.raises(ValueError, match="No saved NTLs"):
+        analysis.RunParts(str(broken))
+    data["method"] = "kd"
+    metrics_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no FEED NTLs"):
+        analysis.RunParts(str(broken))
 
 
 @pytest.mark.parametrize(
