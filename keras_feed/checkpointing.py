@@ -102,16 +102,17 @@ def setting_differences(recorded, config):
 class RunDirectory:
     """The `--model_dir` of a run, held for the duration of a `with` block.
 
-    On entry it creates the folder, takes its lock (one writer at a time),
-    and compares the settings recorded there (`run.json`, or the `config` of
-    a finished run's `metrics.json`) with `config`:
+    On entry it compares the settings recorded there (`run.json`, or the
+    `config` of a finished run's `metrics.json`) with `config`:
 
-    - the run there is finished with the same settings: `finished` holds its
-      metrics and nothing should be trained;
     - the settings differ: `ValueError`, one line naming them (a run is never
-      silently continued with other settings);
-    - otherwise `resuming` says whether an earlier attempt left work there;
-      what killed writers left half-written is removed and `run.json` written.
+      silently continued with other settings), and nothing is written;
+    - the run there is finished with the same settings: `finished` holds its
+      metrics, nothing should be trained, and nothing is written;
+    - otherwise it creates the folder and takes its lock (one writer at a
+      time, released on exit or when the process dies); `resuming` says
+      whether an earlier attempt left work there; what killed writers left
+      half-written is removed and `run.json` written.
     """
 
     def __init__(self, config):
@@ -124,10 +125,18 @@ class RunDirectory:
     def __enter__(self):
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f"--model_dir {self.path} exists and is not a folder.")
+        if self._check_record():  # read-only: a finished run is left untouched
+            return self
         os.makedirs(self.path, exist_ok=True)
         self._take_lock()
         try:
-            self._check_record()
+            if not self._check_record():  # again: another process may have finished it
+                self.resuming = os.path.isfile(os.path.join(self.path, RUN_RECORD))
+                storage.remove_partial_files(self.path)
+                storage.write_json(
+                    os.path.join(self.path, RUN_RECORD),
+                    {"format": FORMAT, "config": comparable_settings(self.config)},
+                )
         except BaseException:
             self._release_lock()
             raise
@@ -167,9 +176,9 @@ class RunDirectory:
             ) from None
 
     def _check_record(self):
+        """Raises if the recorded settings differ; returns whether the run is finished."""
         metrics = self._read_json("metrics.json")
-        record = self._read_json(RUN_RECORD)
-        recorded = (record or {}).get("config")
+        recorded = (self._read_json(RUN_RECORD) or {}).get("config")
         if recorded is None and metrics is not None:
             recorded = metrics.get("config")
         if recorded is not None:
@@ -180,15 +189,8 @@ class RunDirectory:
                     f"({'; '.join(differences)}); rerun with its settings to resume "
                     "it, or choose another --model_dir."
                 )
-        if metrics is not None:
-            self.finished = metrics
-            return
-        self.resuming = record is not None
-        storage.remove_partial_files(self.path)
-        storage.write_json(
-            os.path.join(self.path, RUN_RECORD),
-            {"format": FORMAT, "config": comparable_settings(self.config)},
-        )
+        self.finished = metrics
+        return metrics is not None
 
 
 # -- stage checkpoints --------------------------------------------------------

