@@ -25,16 +25,19 @@ def main_with_errors(program, body):
 def flags_parser(program):
     """An `absl.app.run` flags parser whose errors are one line and exit 1.
 
-    (absl's own prints a "FATAL" line and a hint line.) Bad flag names, values
-    and unreadable flagfiles are reported this way.
+    (absl's own prints a "FATAL" line and a hint line.) Bad flag names, values,
+    unreadable flagfiles and stray positional arguments are reported this way.
     """
 
     def parse(argv):
         from absl import flags
 
         try:
-            return flags.FLAGS(argv)
+            remaining = flags.FLAGS(argv)
         except flags.Error as error:
             fail(program, error)
+        if len(remaining) > 1:
+            fail(program, f"Unexpected arguments: {' '.join(remaining[1:])}")
+        return remaining
 
     return parse

@@ -152,16 +152,16 @@ def reference(tmp_path_factory):
 # -- 1. resume -----------------------------------------------------------------
 
 
-def wait_for(path, process, timeout=TIMEOUT):
-    """Polls until `path` exists (True) or `process` has exited (False)."""
+def wait_for(path, process, since, timeout=TIMEOUT):
+    """Polls until `path` was written after `since` (True) or `process` has exited (False)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(path):
+        if os.path.exists(path) and os.stat(path).st_mtime >= since:
             return True
         if process.poll() is not None:
             return False
         time.sleep(0.02)
-    raise AssertionError(f"{path} did not appear within {timeout} s")
+    raise AssertionError(f"{path} was not written within {timeout} s")
 
 
 def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
@@ -181,8 +181,9 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
     logs = []
     for attempt, (trigger, delay) in enumerate(plan):
         log_path = str(tmp_path / f"attempt_{attempt}.txt")
+        started = time.time()
         process = start(args, log_path)
-        if wait_for(trigger, process):
+        if wait_for(trigger, process, since=started):
             time.sleep(delay)
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=TIMEOUT)
@@ -196,7 +197,10 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
     history = "\n---\n".join(error_lines("\n".join(logs)))
     context = f"kill seed {seed} (rerun with KILL_SEED={seed}):\n{history}"
 
-    assert_bitwise_equal(student_weights(model_dir), student_weights(reference()))
+    try:
+        assert_bitwise_equal(student_weights(model_dir), student_weights(reference()))
+    except AssertionError as error:
+        raise AssertionError(f"{error}; {context}") from None
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
     with open(os.path.join(reference(), "metrics.json")) as handle:
@@ -207,7 +211,8 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
         assert metrics["stages"][stage]["history"] == expected["stages"][stage]["history"], context
     assert not os.path.exists(checkpoints), "checkpoints are removed once the run is complete"
 
-    # After the kill in the student stage, the teacher was reused and the student resumed.
+    # Once the student had a checkpoint, no attempt trained the teacher or began the
+    # student afresh: the student resumed (or its finished stage was reused).
     after_student_kill = "\n".join(logs[2:])
     assert "Reusing teacher" in after_student_kill, context
     assert "Stage teacher_0" not in after_student_kill, context
@@ -361,6 +366,7 @@ BAD_INPUTS = [
     ("unknown_flag", ["--no_such_flag=1"], "no_such_flag"),
     ("flag_of_wrong_type", ["--epochs=many"], "--epochs"),
     ("missing_flagfile", ["--flagfile=/nonexistent/run.cfg"], "/nonexistent/run.cfg"),
+    ("stray_argument", ["resnet20"], "Unexpected arguments: resnet20"),
     ("batch_larger_than_data", ["--train_examples=16", "--batch_size=32"], "batch_size"),
     ("teacher_not_a_keras_file", ["--teachers={text_keras}"], "text.keras"),
     ("teacher_broken_archive", ["--teachers={broken_keras}"], "broken.keras"),
@@ -416,6 +422,8 @@ def test_bad_input_fails_with_one_line_before_training(runs, name, extra, named)
     assert returncode == 1, output
     assert len(lines) == 1, output
     assert lines[0].startswith("keras-feed-train: error: ") and named in lines[0], lines[0]
+    if name != "finished_run_other_settings":  # refused for itself, not for the model_dir
+        assert "other settings" not in lines[0], lines[0]
 
 
 def test_bad_inputs_and_a_finished_rerun_change_nothing_in_the_model_dir(runs):
