@@ -21,6 +21,12 @@ in one `.npz` written atomically. `StageCheckpoint` is also the Keras callback
 that writes it (every `--checkpoint_steps` steps and at each epoch's end) and
 that stops training when a loss term turns non-finite, keeping the last good
 checkpoint.
+
+Why not `keras.callbacks.BackupAndRestore` (Keras 3.15): with an integer
+`save_freq` it records the batch but resumes at the start of the interrupted
+epoch, replaying batches the restored weights have already seen, and it
+writes weights and metadata in place, one after the other; neither is exact
+or crash-safe.
 """
 
 import dataclasses
@@ -44,8 +50,12 @@ CHECKPOINTS = "checkpoints"
 FORMAT = 1
 
 #: Settings that may change between a run and its resumption: they change
-#: neither what is trained nor its results.
-RESUMABLE_SETTINGS = ("checkpoint_steps", "dry_run", "model_dir", "unsafe_load", "verbose")
+#: neither what is trained nor how, only where and how it is reported (a
+#: pre-empted job may come back on other hardware, e.g. a TPU of a new name).
+RESUMABLE_SETTINGS = (
+    "checkpoint_steps", "dry_run", "model_dir", "unsafe_load", "verbose",
+    "strategy", "tpu", "tpu_zone", "gcp_project",
+)
 
 
 class NonFiniteLossError(ValueError):

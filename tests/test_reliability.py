@@ -222,6 +222,58 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
     assert sum("Outputs in" in log for log in logs) == 1, context
 
 
+def test_run_directory_records_compares_and_locks_settings(tmp_path):
+    import dataclasses
+
+    from keras_feed.experiment import TrainConfig
+
+    config = TrainConfig(model_dir=str(tmp_path / "run"), epochs=2, dataset="synthetic")
+    with checkpointing.RunDirectory(config) as model_dir:
+        assert not model_dir.resuming and model_dir.finished is None
+        with pytest.raises(ValueError, match="Another process is writing"):
+            with checkpointing.RunDirectory(config):
+                pass
+    changed = dataclasses.replace(config, verbose=2, checkpoint_steps=7, strategy="mirrored")
+    with checkpointing.RunDirectory(changed) as model_dir:
+        assert model_dir.resuming
+    with pytest.raises(ValueError, match=r"--epochs: 2 there, 3 now; --seed: 0 there, 1 now"):
+        with checkpointing.RunDirectory(dataclasses.replace(config, epochs=3, seed=1)):
+            pass
+
+
+def test_stage_segments_resume_mid_epoch():
+    stage = checkpointing.StageCheckpoint("unused", stage="s", steps_per_epoch=10, epochs=3)
+    assert stage.segments() == [(0, 0, 3)]
+    stage.step = 14
+    assert stage.segments() == [(1, 4, 2), (2, 0, 3)]
+    assert stage.describe(15) == "step 15 (epoch 2, batch 5)"
+    stage.step = 20
+    assert stage.segments() == [(2, 0, 3)]
+    stage.step = 30
+    assert stage.complete and stage.segments() == []
+
+
+def test_checkpoint_of_another_schedule_is_refused(tmp_path):
+    from conftest import tiny_net
+
+    from keras_feed.distiller import FEEDDistiller
+
+    def trainer():
+        distiller = FEEDDistiller(tiny_net("student", classes=4))
+        distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        return distiller
+
+    first = checkpointing.StageCheckpoint(str(tmp_path), stage="student", steps_per_epoch=8, epochs=2)
+    assert first.restore(trainer()) == 0
+    first.step = 5
+    first.save()
+    again = checkpointing.StageCheckpoint(str(tmp_path), stage="student", steps_per_epoch=8, epochs=2)
+    assert again.restore(trainer()) == 5
+    other = checkpointing.StageCheckpoint(str(tmp_path), stage="student", steps_per_epoch=8, epochs=3)
+    with pytest.raises(checkpointing.CheckpointError, match="written for 2 epochs x 8 steps"):
+        other.restore(trainer())
+
+
 # -- 2. atomic outputs -------------------------------------------------------------
 
 
