@@ -20,61 +20,52 @@ It writes `analysis.json` and a bar chart `reconstruction_error.png` into
 import os
 
 from keras_feed import cli
-from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
+cli.define_data_flags()
+cli.define_unsafe_load_flag()
 
 flags.DEFINE_list("runs", None, "Comma-separated run folders (each with student.keras, translators.weights.h5, metrics.json).", required=True)
 flags.DEFINE_list("labels", [], "A label per run for the report; default: the folder names.")
-flags.DEFINE_string("dataset", "cifar100", "Dataset name, as for keras-feed-train.")
-flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
-flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
 flags.DEFINE_enum("split", "test", ["test", "train"], "Which split to measure on.")
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("max_examples", None, "Measure on the first N examples of the split only.")
 flags.DEFINE_string("output_dir", "analysis", "Where analysis.json and the chart are written.")
-flags.DEFINE_bool("unsafe_load", False, "Allow .keras files that carry code. Only for files you trust.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main():
+    from keras_feed import analysis
+    from keras_feed import data as data_lib
+    from keras_feed import storage
 
-    def body():
-        from keras_feed import analysis
-        from keras_feed import data as data_lib
-        from keras_feed import storage
-
-        labels = FLAGS.labels or [os.path.basename(os.path.normpath(run)) for run in FLAGS.runs]
-        if len(labels) != len(FLAGS.runs):
-            raise ValueError(f"--labels names {len(labels)} runs, --runs {len(FLAGS.runs)}.")
-        parts = [analysis.RunParts(run, unsafe=FLAGS.unsafe_load) for run in FLAGS.runs]
-        data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
-        dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
-        if FLAGS.max_examples:
-            dataset = dataset.unbatch().take(FLAGS.max_examples).batch(FLAGS.batch_size)
-        results = []
-        for run, label, run_parts in zip(FLAGS.runs, labels, parts):
-            examples, per_teacher = analysis.measure(run_parts, dataset)
-            results.append({
-                "run": os.path.abspath(run), "label": label, "method": run_parts.method,
-                "student_test_accuracy": run_parts.test_accuracy, "examples": examples,
-                "teachers": [dict(entry, path=path) for entry, path in zip(per_teacher, run_parts.teacher_paths)],
-            })
-            errors = ", ".join(f"{entry['relative_l2_error']:.4f}" for entry in per_teacher)
-            print(f"{label}: relative L2 error per teacher {errors}")
-        report = {"dataset": data.info.name, "split": FLAGS.split, "runs": results}
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        storage.write_json(os.path.join(FLAGS.output_dir, "analysis.json"), report)
-        analysis.plot(results, os.path.join(FLAGS.output_dir, "reconstruction_error.png"))
-        print(f"Wrote {FLAGS.output_dir}/analysis.json and reconstruction_error.png")
-
-    cli.main_with_errors("keras-feed-analyze", body)
+    labels = FLAGS.labels or [os.path.basename(os.path.normpath(run)) for run in FLAGS.runs]
+    if len(labels) != len(FLAGS.runs):
+        raise ValueError(f"--labels names {len(labels)} runs, --runs {len(FLAGS.runs)}.")
+    parts = [analysis.RunParts(run, unsafe=FLAGS.unsafe_load) for run in FLAGS.runs]
+    data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
+    dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
+    if FLAGS.max_examples:
+        dataset = dataset.unbatch().take(FLAGS.max_examples).batch(FLAGS.batch_size)
+    results = []
+    for run, label, run_parts in zip(FLAGS.runs, labels, parts):
+        examples, per_teacher = analysis.measure(run_parts, dataset)
+        results.append({
+            "run": os.path.abspath(run), "label": label, "method": run_parts.method,
+            "student_test_accuracy": run_parts.test_accuracy, "examples": examples,
+            "teachers": [dict(entry, path=path) for entry, path in zip(per_teacher, run_parts.teacher_paths)],
+        })
+        errors = ", ".join(f"{entry['relative_l2_error']:.4f}" for entry in per_teacher)
+        print(f"{label}: relative L2 error per teacher {errors}")
+    report = {"dataset": data.info.name, "split": FLAGS.split, "runs": results}
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    storage.write_json(os.path.join(FLAGS.output_dir, "analysis.json"), report)
+    analysis.plot(results, os.path.join(FLAGS.output_dir, "reconstruction_error.png"))
+    print(f"Wrote {FLAGS.output_dir}/analysis.json and reconstruction_error.png")
 
 
 def run():
-    app.run(main)
+    cli.run("keras-feed-analyze", main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the command-line tools share: quiet start-up and one-line errors."""
+"""What the command-line tools share: quiet start-up, common flags, one-line errors."""
 
 import os
 import sys
@@ -41,3 +41,36 @@ def flags_parser(program):
         return remaining
 
     return parse
+
+
+def define_data_flags():
+    """Defines --dataset, --data_dir and --image_size, named alike by every command."""
+    from absl import flags
+
+    if "dataset" in flags.FLAGS:
+        return
+    flags.DEFINE_string(
+        "dataset", "cifar100",
+        "cifar10, cifar100, imagenet2012, fashion_mnist, mnist (tfds or an IDX --data_dir), "
+        "idx, folder, synthetic.",
+    )
+    flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
+    flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
+
+
+def define_unsafe_load_flag():
+    """Defines --unsafe_load: allow model files that carry code."""
+    from absl import flags
+
+    if "unsafe_load" not in flags.FLAGS:
+        flags.DEFINE_bool(
+            "unsafe_load", False,
+            "Allow .keras files that carry code (Lambda layers). Only for files you trust.",
+        )
+
+
+def run(program, body):
+    """Runs a command: parses its flags (one-line errors), then `body()` with one-line errors."""
+    from absl import app
+
+    app.run(lambda argv: main_with_errors(program, body), flags_parser=flags_parser(program))

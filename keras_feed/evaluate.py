@@ -11,18 +11,15 @@ import json
 import os
 
 from keras_feed import cli
-from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
+cli.define_data_flags()
+cli.define_unsafe_load_flag()
 
 flags.DEFINE_string("model_path", None, "A .keras file or a SavedModel folder (e.g. <model_dir>/export).", required=True)
-flags.DEFINE_string("dataset", "cifar100", "Dataset name, as for keras-feed-train.")
-flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
-flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
 flags.DEFINE_enum("split", "test", ["test", "train"], "Which split to evaluate on.")
 flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
-flags.DEFINE_bool("unsafe_load", False, "Allow .keras files that carry code. Only for files you trust.")
 
 
 def load_predictor(path, *, unsafe=False):
@@ -60,25 +57,19 @@ def evaluate(predict, dataset):
     return {"examples": total, "accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main():
+    from keras_feed import data as data_lib
 
-    def body():
-        from keras_feed import data as data_lib
-
-        data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
-        predict = load_predictor(FLAGS.model_path, unsafe=FLAGS.unsafe_load)
-        dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
-        result = {"model_path": FLAGS.model_path, "dataset": data.info.name, "split": FLAGS.split}
-        result.update(evaluate(predict, dataset))
-        print(json.dumps(result, indent=2))
-
-    cli.main_with_errors("keras-feed-eval", body)
+    data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
+    predict = load_predictor(FLAGS.model_path, unsafe=FLAGS.unsafe_load)
+    dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
+    result = {"model_path": FLAGS.model_path, "dataset": data.info.name, "split": FLAGS.split}
+    result.update(evaluate(predict, dataset))
+    print(json.dumps(result, indent=2))
 
 
 def run():
-    app.run(main)
+    cli.run("keras-feed-eval", main)
 
 
 if __name__ == "__main__":

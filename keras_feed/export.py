@@ -9,32 +9,25 @@ export is complete.
 """
 
 from keras_feed import cli
-from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
+cli.define_unsafe_load_flag()
 
 flags.DEFINE_string("student", None, "The student's .keras file.", required=True)
 flags.DEFINE_string("export_dir", None, "The SavedModel folder to write.", required=True)
-flags.DEFINE_bool("unsafe_load", False, "Allow .keras files that carry code. Only for files you trust.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main():
+    from keras_feed import storage
 
-    def body():
-        from keras_feed import storage
-
-        model = storage.load_model(FLAGS.student, unsafe=FLAGS.unsafe_load)
-        storage.export_saved_model(model, FLAGS.export_dir)
-        print(f"Exported {model.name} ({model.count_params():,} parameters) to {FLAGS.export_dir}")
-
-    cli.main_with_errors("keras-feed-export", body)
+    model = storage.load_model(FLAGS.student, unsafe=FLAGS.unsafe_load)
+    storage.export_saved_model(model, FLAGS.export_dir)
+    print(f"Exported {model.name} ({model.count_params():,} parameters) to {FLAGS.export_dir}")
 
 
 def run():
-    app.run(main)
+    cli.run("keras-feed-export", main)
 
 
 if __name__ == "__main__":

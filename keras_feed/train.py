@@ -12,10 +12,11 @@ anything is trained or written.
 import dataclasses
 
 from keras_feed import cli
-from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
+cli.define_data_flags()
+cli.define_unsafe_load_flag()
 
 # What to train.
 flags.DEFINE_string("method", "pfeed", "Training method: ce, pfeed, sfeed, kd, ft (pfeed with --kd_weight > 0: FEED + KD).")
@@ -29,12 +30,8 @@ flags.DEFINE_integer("teacher_epochs", None, "Epochs for each teacher; default: 
 flags.DEFINE_string("student_layer", "features", "Name of the student's feature-map layer.")
 flags.DEFINE_string("teacher_layer", "features", "Name of the teachers' feature-map layer.")
 flags.DEFINE_bool("translator_batchnorm", False, "BatchNorm inside the NTLs.")
-flags.DEFINE_bool("unsafe_load", False, "Allow teacher files that carry code (Lambda layers). Only for files you trust.")
 
 # Data.
-flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, imagenet2012, fashion_mnist, mnist (tfds or an IDX --data_dir), idx, folder, synthetic.")
-flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
-flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
 flags.DEFINE_integer("train_examples", None, "Train on a seeded subset of this many examples.")
 flags.DEFINE_integer("subset_seed", 0, "Seed choosing the --train_examples subset (the same for teachers and student).")
 
@@ -98,26 +95,20 @@ def config_from_flags():
     return TrainConfig(**values)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main():
+    from keras_feed import experiment
 
-    def body():
-        from keras_feed import experiment
-
-        metrics = experiment.run(config_from_flags())
-        if "plan" in metrics:
-            return
-        summary = [f"student {metrics['student']['test_accuracy']:.4f}"]
-        if "ensemble" in metrics:
-            summary.append(f"ensemble of {metrics['ensemble']['size']} {metrics['ensemble']['test_accuracy']:.4f}")
-        print(f"Test accuracy: {', '.join(summary)}. Outputs in {FLAGS.model_dir}")
-
-    cli.main_with_errors("keras-feed-train", body)
+    metrics = experiment.run(config_from_flags())
+    if "plan" in metrics:
+        return
+    summary = [f"student {metrics['student']['test_accuracy']:.4f}"]
+    if "ensemble" in metrics:
+        summary.append(f"ensemble of {metrics['ensemble']['size']} {metrics['ensemble']['test_accuracy']:.4f}")
+    print(f"Test accuracy: {', '.join(summary)}. Outputs in {FLAGS.model_dir}")
 
 
 def run():
-    app.run(main, flags_parser=cli.flags_parser("keras-feed-train"))
+    cli.run("keras-feed-train", main)
 
 
 if __name__ == "__main__":
