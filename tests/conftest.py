@@ -21,6 +21,17 @@ def tiny_net(name, *, width=8, classes=5, input_shape=(16, 16, 3), strides=1, se
     return keras.Model(inputs, outputs, name=name)
 
 
+def snapshot(folder):
+    """Every file below `folder` with its size and modification time."""
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+    return state
+
+
 @pytest.fixture
 def learnable_task():
     """Images whose class is set by which colour channel is bright: learnable quickly."""

@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import snapshot
 
 from keras_feed import experiment
 from keras_feed import storage
@@ -31,17 +32,6 @@ def pfeed_run(tmp_path_factory):
     config = experiment.TrainConfig(method="pfeed", num_teachers=2, model_dir=model_dir, **TINY)
     metrics = experiment.run(config)
     return model_dir, metrics
-
-
-def snapshot(folder):
-    """Every file below `folder` with its size and modification time."""
-    state = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            info = os.stat(path)
-            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
-    return state
 
 
 def test_pfeed_run_writes_every_output(pfeed_run):

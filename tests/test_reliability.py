@@ -20,6 +20,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from conftest import snapshot
 
 from keras_feed import checkpointing
 from keras_feed import storage
@@ -78,17 +79,6 @@ def error_lines(output):
     """The output lines that are not TensorFlow's C++ start-up chatter."""
     return [line for line in output.splitlines()
             if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
-
-
-def snapshot(folder):
-    """Every file below `folder` with its size and modification time."""
-    state = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            info = os.stat(path)
-            state[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
-    return state
 
 
 def student_weights(model_dir):
