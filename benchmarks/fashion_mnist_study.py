@@ -557,7 +557,9 @@ def write_report(study, results):
         f"SGD Nesterov momentum {recipe['momentum']}, lr {recipe['learning_rate']} "
         f"{recipe['lr_schedule']}, weight decay {recipe['weight_decay']}, batch "
         f"{recipe['batch_size']}, {recipe['epochs']} epochs, beta {recipe['beta']:g} "
-        "unless the row says otherwise. Accuracy in %, mean ± sample std over seeds.",
+        "unless the row says otherwise. Accuracy in %, mean ± sample std over seeds. "
+        "Minutes per run and images/s are as measured on a shared 2-core machine (other "
+        "jobs, pauses): a record of what happened, not a throughput benchmark.",
         "",
         "| row | what | teachers | n done/planned | test accuracy (%) | per seed | minutes/run "
         "| images/s |",
