@@ -72,5 +72,20 @@ def define_unsafe_load_flag():
 def run(program, body):
     """Runs a command: parses its flags (one-line errors), then `body()` with one-line errors."""
     from absl import app
+    from absl import logging
 
-    app.run(lambda argv: main_with_errors(program, body), flags_parser=flags_parser(program))
+    def main(argv):
+        # TensorFlow's Python modules log through absl at INFO (SavedModel
+        # export details...); keep the console to what keras-feed says.
+        if not flags_given("verbosity", "v"):
+            logging.set_verbosity(logging.WARNING)
+        return main_with_errors(program, body)
+
+    app.run(main, flags_parser=flags_parser(program))
+
+
+def flags_given(*names):
+    """Whether any of the flags `names` was set on the command line."""
+    from absl import flags
+
+    return any(name in flags.FLAGS and flags.FLAGS[name].present for name in names)
