@@ -196,15 +196,47 @@ class FunctionLoop:
         return (time.perf_counter() - start) / steps
 
 
+def grouped_convolution_loops(batch_size, count):
+    """`count` same-architecture teachers' 3x3 convolutions, separate or fused.
+
+    One convolution per stage of a CIFAR ResNet (32x32x16, 16x16x32, 8x8x64):
+    `count` separate ones, or one grouped convolution over the teachers' maps
+    side by side (what fusing the teachers into one network would run).
+    """
+    shapes = ((32, 16), (16, 32), (8, 64))
+    maps = [[tf.random.stateless_normal((batch_size, size, size, width), (3, size * count + i))
+             for i in range(count)] for size, width in shapes]
+    kernels = [[tf.random.stateless_normal((3, 3, width, width), (4, size * count + i))
+                for i in range(count)] for size, width in shapes]
+    fused_maps = [tf.concat(stage, axis=-1) for stage in maps]
+    fused_kernels = [tf.concat(stage, axis=-1) for stage in kernels]  # groups = count
+
+    def separate(_):
+        return tf.add_n([tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
+                         for stage_maps, stage_kernels in zip(maps, kernels)
+                         for x, kernel in zip(stage_maps, stage_kernels)])
+
+    def grouped(_):
+        return tf.add_n([tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
+                         for x, kernel in zip(fused_maps, fused_kernels)])
+
+    return [FunctionLoop(f"convs_{count}_separate", tf.function(separate), tf.constant(0)),
+            FunctionLoop(f"convs_{count}_grouped", tf.function(grouped), tf.constant(0))]
+
+
 def time_round_robin(loops, repeats, steps, log):
-    """`{name: [step seconds per repeat]}`, every repeat timing each loop once."""
+    """`{name: [step seconds per repeat]}`, every repeat timing each loop once.
+
+    Odd repeats go through the loops in reverse order, so that a slow drift of
+    the background load does not favour the loops timed first.
+    """
     for loop in loops:
         started = time.perf_counter()
         loop.warm_up()
         log(f"  warmed up {loop.name} ({time.perf_counter() - started:.0f} s)")
     times = {loop.name: [] for loop in loops}
     for repeat in range(repeats):
-        for loop in loops:
+        for loop in loops[::-1] if repeat % 2 else loops:
             times[loop.name].append(loop.step_time(steps))
         log(f"  repeat {repeat + 1}/{repeats}: "
             + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in times.items()))
@@ -327,7 +359,11 @@ def run(args, log):
         ntl_data = tf.data.Dataset.from_tensors((student_maps, tuple(teacher_maps[:k]))).repeat()
         loops.append(KerasLoop(f"ntl_{k}", ntl_bank(teachers[:k], student_shape), ntl_data))
         loops.append(KerasLoop(f"feed_{k}", feed_distiller(teachers[:k]), fixed))
-    loops.append(KerasLoop("keras_distiller_1", keras_feature_distiller(teachers[0]), fixed))
+        if k == 1:  # timed next to FEED with one teacher
+            loops.append(KerasLoop("keras_distiller_1", keras_feature_distiller(teachers[0]), fixed))
+            xla = FEEDDistiller(build(STUDENT, 0), teachers[:1], beta=BETA, weight_decay=WEIGHT_DECAY)
+            xla.compile(optimizer=sgd(), jit_compile=True)
+            loops.append(KerasLoop("feed_1_xla", xla, fixed))
     # The teacher forward pass three ways (features and logits, inference mode).
     extractor = feature_extractor(teachers[0], "features", name="teacher_forward")
     twin = inference_model(extractor)
@@ -340,6 +376,7 @@ def run(args, log):
             images,
         ),
     ]
+    loops += grouped_convolution_loops(batch_size, max(ks))
     log(f"Timing {len(loops)} loops: {repeats} repeats x {steps} steps, batch {batch_size}")
     times = time_round_robin(loops, repeats, steps, log)
     background["after_timing"] = background_state()
@@ -353,23 +390,31 @@ def run(args, log):
 
     seconds = {name: median(values) for name, values in times.items()}
     rate = lambda s: batch_size / s  # noqa: E731
+
+    def parts(k):  # per repeat: student + teachers + NTLs, timed alone
+        return [
+            sum(values)
+            for values in zip(times["student"], times[f"ntl_{k}"], *(times[f"teacher_{i}"] for i in range(k)))
+        ]
+
+    def paired_ratio(numerators, denominators):
+        """Median over repeats of numerator / denominator, both timed in the same repeat."""
+        return round(median([n / d for n, d in zip(numerators, denominators)]), 3)
+
     teacher_bytes = int(sum(w.numpy().nbytes for w in teachers[0].weights))
     activation_bytes = forward_activation_bytes(teachers[0], batch_size)
     rows = []
     for k in ks:
-        parts = seconds["student"] + sum(seconds[f"teacher_{i}"] for i in range(k)) + seconds[f"ntl_{k}"]
         row = {
             "teachers": k,
             "feed_images_per_s": round(rate(seconds[f"feed_{k}"]), 1),
-            "limit_images_per_s": round(rate(parts), 1),
-            "feed_over_limit": round(parts / seconds[f"feed_{k}"], 3),
+            "limit_images_per_s": round(rate(median(parts(k))), 1),
+            "feed_over_limit": paired_ratio(parts(k), times[f"feed_{k}"]),
             "peak_rss_mib": round(memory[k] / 2**20, 1),
         }
         if k == 1:
             row["keras_distiller_images_per_s"] = round(rate(seconds["keras_distiller_1"]), 1)
-            row["feed_over_keras_distiller"] = round(
-                seconds["keras_distiller_1"] / seconds["feed_1"], 3
-            )
+            row["feed_over_keras_distiller"] = paired_ratio(times["keras_distiller_1"], times["feed_1"])
         rows.append(row)
     pipeline_rate_median = median(pipeline)
     increments = {
@@ -388,7 +433,10 @@ def run(args, log):
                     "augmented batch",
             "student": STUDENT, "teacher": TEACHER, "batch_size": batch_size,
             "beta": BETA, "weight_decay": WEIGHT_DECAY, "optimizer": "SGD(0.1, momentum=0.9)",
-            "repeats": repeats, "steps_per_repeat": steps, "statistic": "median over repeats",
+            "repeats": repeats, "steps_per_repeat": steps,
+            "statistic": "images/s from the median step time over repeats; ratios are medians "
+                         "over repeats of the ratio within a repeat (paired, robust to load "
+                         "that changes between repeats)",
         },
         "environment": {
             "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -412,6 +460,12 @@ def run(args, log):
             "folded_twin_used_by_feed": round(1000 * seconds["forward_folded"], 1),
             "xla_jit_compile": round(1000 * seconds["forward_xla"], 1),
         },
+        "tried": {
+            "feed_1_xla_over_feed_1_step_time": paired_ratio(times["feed_1_xla"], times["feed_1"]),
+            f"teacher_convs_grouped_over_separate_{max(ks)}": paired_ratio(
+                times[f"convs_{max(ks)}_grouped"], times[f"convs_{max(ks)}_separate"]
+            ),
+        },
         "step_seconds_median": {name: round(value, 4) for name, value in seconds.items()},
         "step_seconds_all": {name: [round(v, 4) for v in values] for name, values in times.items()},
     }
@@ -434,14 +488,15 @@ def print_table(results):
     print(f"memory per added teacher: {memory['per_added_teacher_mib']} MiB "
           f"(bound {memory['bound_per_teacher_mib']} MiB = weights + one forward's activations)")
     print(f"teacher forward (ms): {results['teacher_forward_ms']}")
+    print(f"tried (time ratios, > 1: slower): {results['tried']}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teachers", default="1,2,4", help="numbers of teachers k")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     parser.add_argument("--pipeline_batches", type=int, default=100)
     parser.add_argument("--out", default=None, help=f"results file (default {RESULTS}; "
                         "with --quick: none)")
