@@ -96,7 +96,7 @@ def multi_worker(out_path, model_dir, teacher):
     config = experiment.TrainConfig(
         method="pfeed", dataset="synthetic", model="resnet8", train_examples=64,
         batch_size=GLOBAL_BATCH, epochs=1, teachers=(teacher,),
-        learning_rate=0.05, eval_batch_size=64, verbose=0, model_dir=model_dir,
+        learning_rate=0.05, eval_batch_size=64, validation_freq=1, verbose=0, model_dir=model_dir,
         strategy="multi_worker",
     )
     metrics = experiment.run(config, strategy=strategy)
