@@ -209,7 +209,7 @@ def _as_list(value, count, what):
     return value
 
 
-class FEEDDistiller(keras.Model):
+class FEEDDistiller(distribute.PrebuiltTrainer, keras.Model):
     """Trains one student from N frozen teachers with parallel FEED.
 
     The loss of a training step is
@@ -493,15 +493,6 @@ class FEEDDistiller(keras.Model):
                 for metric in (self.loss_tracker, self.ce_tracker, self.accuracy_tracker)
             }
         )
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras calls this at the start of fit/evaluate to build what is not
-        # built yet from a first batch, which under a strategy it first reduces
-        # across replicas: MultiWorkerMirroredStrategy cannot reduce an
-        # (images, labels) batch (Keras 3.15). Everything here but the
-        # optimizer is built in __init__, so no batch is needed.
-        with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
 
     def get_config(self):
         # The distiller is a training harness, saved as its parts: the student

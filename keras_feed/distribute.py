@@ -170,3 +170,18 @@ def predict(strategy, model, dataset):
         return model.predict(dataset, verbose=0)
     forward = tf.function(lambda images: model(images, training=False))
     return tf.concat([forward(images) for images in dataset], axis=0).numpy()
+
+
+class PrebuiltTrainer:
+    """Mixin for `keras.Model` trainers that build every variable in `__init__`.
+
+    Keras calls `_maybe_symbolic_build` at the start of fit/evaluate to build
+    what is not built yet from a first batch, which under a strategy it first
+    reduces across replicas: MultiWorkerMirroredStrategy cannot reduce an
+    (images, labels) batch (Keras 3.15). Such a trainer needs no batch: only
+    the optimizer is left to build.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)

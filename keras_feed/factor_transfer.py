@@ -4,10 +4,11 @@ import keras
 import tensorflow as tf
 
 from keras_feed import distiller as distiller_lib
+from keras_feed import distribute
 from keras_feed import translators
 
 
-class ParaphraserTrainer(keras.Model):
+class ParaphraserTrainer(distribute.PrebuiltTrainer, keras.Model):
     """Trains a `Paraphraser` to reconstruct one frozen teacher's feature map.
 
     The loss is the paper's reconstruction error, the mean squared difference
@@ -54,7 +55,7 @@ class ParaphraserTrainer(keras.Model):
             )
         self.optimizer.apply_gradients(zip(gradients, variables))
         self.loss_tracker.update_state(loss, sample_weight=tf.shape(features)[0])
-        return {"reconstruction_loss": self.loss_tracker.result()}
+        return distribute.step_logs({"reconstruction_loss": self.loss_tracker.result()})
 
 
 def new_paraphraser(teacher, *, teacher_layer, rate, batchnorm=False, name=None):
