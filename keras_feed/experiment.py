@@ -586,14 +586,11 @@ def describe_plan(experiment):
             f"teachers: {origin}; {teacher.name}: {teacher.count_params():,} parameters, "
             f"features {teacher_shape}"
         )
-        if config.beta and config.method != "kd":
-            channels = None
-            if config.method == "ft":
-                channels = max(1, int(round(config.ft_rate * teacher_shape[-1])))
+        channels = experiment.method.translator_channels(config, teacher_shape[-1])
+        if channels:
             ntl = translators_lib.translator_for(student_shape, teacher_shape, out_channels=channels)
             lines.append(f"NTLs: {count} x {ntl.count_params():,} parameters (dropped after training)")
-        if config.method == "sfeed":
-            lines.append(f"generations: 0 (CE) then 1..{config.generations}, each from the one before")
+    lines += experiment.method.plan_notes(config)
     schedule = config.lr_schedule
     if schedule == "step":
         schedule += f" x{config.lr_decay_factor} at epochs {list(config.lr_decay_epochs) or 'at 50%/75%'}"

@@ -47,6 +47,14 @@ class Method:
         """How many teachers the student learns from."""
         return len(config.teachers) or config.num_teachers
 
+    def translator_channels(self, config, teacher_channels):
+        """Channels each NTL ends at, for a teacher map of `teacher_channels`; None: no NTLs."""
+        return teacher_channels if config.beta else None
+
+    def plan_notes(self, config):
+        """Lines this method adds to a dry run's plan."""
+        return []
+
     def check(self, config):
         """Raises `ValueError` on settings this method cannot use."""
 
@@ -108,6 +116,9 @@ class KnowledgeDistillation(Method):
     def check_shapes(self, student_shape, teacher_shape):
         """KD compares logits only: any feature maps will do."""
 
+    def translator_channels(self, config, teacher_channels):
+        return None
+
     def run(self, experiment):
         teachers = experiment.teachers()
         student = experiment.build_student()
@@ -126,6 +137,9 @@ class FactorTransfer(Method):
     """
 
     name = "ft"
+
+    def translator_channels(self, config, teacher_channels):
+        return translators_lib.factor_channels(teacher_channels, config.ft_rate)
 
     def check(self, config):
         if not 0.0 < config.ft_rate <= 1.0:
@@ -172,6 +186,9 @@ class SequentialFEED(Method):
 
     def teacher_count(self, config):
         return 1
+
+    def plan_notes(self, config):
+        return [f"generations: 0 (CE) then 1..{config.generations}, each from the one before"]
 
     def check(self, config):
         if config.generations < 1:

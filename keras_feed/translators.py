@@ -166,6 +166,11 @@ def translator_for(student_shape, teacher_shape, *, out_channels=None, batchnorm
     return translator
 
 
+def factor_channels(channels, rate):
+    """Channels of a paraphraser's factor: `rate * channels`, rounded, at least 1."""
+    return max(1, int(round(rate * channels)))
+
+
 @keras.saving.register_keras_serializable(package="keras_feed")
 class Paraphraser(keras.Model):
     """Factor Transfer's paraphraser: an autoencoder of a teacher's feature map.
@@ -190,7 +195,7 @@ class Paraphraser(keras.Model):
         self.channels = int(channels)
         self.rate = float(rate)
         self.batchnorm = bool(batchnorm)
-        self.factor_channels = max(1, int(round(rate * channels)))
+        self.factor_channels = factor_channels(self.channels, rate)
         encoder_plan = (self.channels, self.factor_channels, self.factor_channels)
         decoder_plan = (self.factor_channels, self.channels, self.channels)
         self.encoder = keras.Sequential(
