@@ -499,10 +499,15 @@ class Experiment:
             }
         return results
 
-    def write_outputs(self, student, distiller, teachers, extra=None):
-        """Saves the student, its export, the NTLs and `metrics.json`."""
+    def write_outputs(self, student, distiller, teachers, extra=None, metrics=None):
+        """Saves the student, its export, the NTLs and `metrics.json`.
+
+        `metrics`, when given, is `evaluate(student, teachers)` already computed.
+        """
         model_dir = self.config.model_dir
-        metrics = self.evaluate(student, teachers)
+        if metrics is None:
+            metrics = self.evaluate(student, teachers)
+        metrics = dict(metrics)
         # Stages an earlier, interrupted attempt of this run finished count too.
         stages = {**checkpointing.finished_stages(model_dir), **self.history}
         metrics.update(

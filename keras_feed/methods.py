@@ -222,9 +222,11 @@ class SequentialFEED(Method):
             paths.append(path)
             previous = path
         experiment.teacher_paths = [paths[-2]]
+        metrics = experiment.evaluate(student, [teacher])
+        # The last two generations are the run's teacher and student, just evaluated.
         generation_accuracies = [
-            experiment.accuracy_of(experiment.load_frozen(p)) for p in paths
-        ]
+            experiment.accuracy_of(experiment.load_frozen(p)) for p in paths[:-2]
+        ] + [metrics["teachers"][0]["test_accuracy"], metrics["student"]["test_accuracy"]]
         return experiment.write_outputs(
             student,
             distiller,
@@ -235,4 +237,5 @@ class SequentialFEED(Method):
                     for g, (p, a) in enumerate(zip(paths, generation_accuracies))
                 ]
             },
+            metrics=metrics,
         )
