@@ -41,6 +41,7 @@ import tempfile
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the checkout's keras_feed, installed or not
 RESULTS_NAME = "fashion_mnist"
 TEACHER_SEED = 100
 NUM_TEACHERS = 3

@@ -48,6 +48,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's keras_feed
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
