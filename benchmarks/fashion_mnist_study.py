@@ -643,8 +643,12 @@ def write_report(study, results):
         lines.append(f"- not run yet: {', '.join(missing)}")
     for key, error in results.get("failures", {}).items():
         lines.append(f"- last attempt of {key} failed: {error}")
-    lines += ["- resume (or finish) with: `cd /work/main && nohup nice -n 19 python "
-              "benchmarks/fashion_mnist_study.py > /work/study.log 2>&1 &`", ""]
+    if missing or len(teachers) < NUM_TEACHERS:
+        lines.append("- resume (or finish), from the checkout: `nohup nice -n 19 python "
+                     "benchmarks/fashion_mnist_study.py > study.log 2>&1 &`")
+    else:
+        lines.append("- complete: every planned run is recorded; a rerun skips them all")
+    lines.append("")
     os.makedirs(study.results_dir, exist_ok=True)
     with storage.atomic_path(study.md_path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
