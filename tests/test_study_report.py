@@ -1,0 +1,69 @@
+"""The Fashion-MNIST study's report: statistics, differences and status, on made-up records."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def study_module():
+    path = os.path.join(ROOT, "benchmarks", "fashion_mnist_study.py")
+    spec = importlib.util.spec_from_file_location("fashion_mnist_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Made-up accuracies per row and seed: row -> (seed 0, seed 1, seed 2).
+ACCURACIES = {"ce": (0.89, 0.90, 0.91), "feed_1": (0.905, 0.91, 0.915),
+              "pfeed_2": (0.91, 0.915, 0.92), "pfeed_3": (0.91, 0.92, 0.93)}
+
+
+def made_up_results(study_module, leave_out=()):
+    runs = []
+    for run in study_module.plan():
+        if run.key in leave_out:
+            continue
+        accuracy = ACCURACIES.get(run.name, (0.9, 0.9, 0.9))[run.seed]
+        runs.append({
+            "key": run.key, "name": run.name, "seed": run.seed, "teachers": len(run.teacher_ids),
+            "test_accuracy": accuracy, "wall_s": 600.0, "images_per_s": 300.0,
+            "history": {f"feed_loss_{i}": [0.01, 0.005] for i in range(len(run.teacher_ids))},
+            "last_feed_loss": [0.005] * len(run.teacher_ids) if run.method != "ce" else None,
+        })
+    teachers = [{"index": i, "seed": 100 + i, "test_accuracy": 0.90, "wall_s": 600.0,
+                 "images_per_s": 300.0} for i in range(3)]
+    ensembles = {"2": {"teachers": [0, 1], "test_accuracy": 0.915},
+                 "3": {"teachers": [0, 1, 2], "test_accuracy": 0.925}}
+    return {"study": None, "teachers": teachers, "ensembles": ensembles, "runs": runs,
+            "failures": {}}
+
+
+def test_report_statistics(tmp_path, study_module):
+    study = study_module.Study(tmp_path, tmp_path / "runs", study_module.RECIPE)
+    study_module.write_report(study, made_up_results(study_module))
+    report = (tmp_path / "fashion_mnist.md").read_text()
+    # ce: mean 90.00, sample std 1.00 over 3 seeds.
+    assert "| ce | plain training (cross-entropy) | 0 | 3/3 | 90.00 ± 1.00 |" in report
+    # pfeed_3 - ce: 2 points; se = 1/sqrt(3) each, so SE of the difference 0.816 -> 2.4.
+    assert "- pfeed_3 − ce: +2.00 points, SE 0.82 → +2.4 standard errors (n=3 vs n=3)" in report
+    # The teachers pool with ce: 6 runs, mean 90.00 -> pfeed_3 is 2 points above.
+    assert "- pfeed_3 − every CE run (ce + the teachers): +2.00 points" in report
+    assert "- ensemble_3 − pfeed_3: +0.50 points" in report
+    assert "complete: every planned run is recorded" in report
+    assert (tmp_path / "fashion_mnist_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "fashion_mnist_feed_loss.png").stat().st_size > 0
+
+
+def test_report_names_missing_runs(tmp_path, study_module):
+    study = study_module.Study(tmp_path, tmp_path / "runs", study_module.RECIPE)
+    results = made_up_results(study_module, leave_out=("pfeed_3/seed1", "pfeed_3/seed2"))
+    study_module.write_report(study, results)
+    report = (tmp_path / "fashion_mnist.md").read_text()
+    assert "| 1/3 | 91.00 (n=1) |" in report
+    assert "- pfeed_3 − ce: needs n ≥ 2 on both sides (have n=1 and n=3)" in report
+    assert "- not run yet: pfeed_3/seed1, pfeed_3/seed2" in report
+    assert "resume (or finish)" in report
