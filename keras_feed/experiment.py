@@ -81,6 +81,7 @@ class TrainConfig:
     generations: int = 2  # sfeed: born-again generations after generation 0
     ft_rate: float = 0.5  # ft: paraphrase rate k (factor channels = k * C)
     paraphraser_epochs: int = 10  # ft: epochs of each paraphraser's pre-training
+    paraphraser_learning_rate: float = 0.01  # ft: its peak learning rate (same schedule)
     dry_run: bool = False  # validate and print the plan, train nothing
     checkpoint_steps: int = 0  # also checkpoint every N steps; 0: at each epoch's end only
     deterministic: bool = False  # op determinism: resumed runs end bitwise as uninterrupted ones
@@ -141,12 +142,24 @@ def check_config(config, method):
     method.check(config)
 
 
-def make_optimizer(config, steps_per_epoch, epochs):
+def make_optimizer(config, steps_per_epoch, epochs, peak_learning_rate=None):
     """SGD with momentum and the configured learning-rate schedule."""
+    return keras.optimizers.SGD(
+        learning_rate_schedule(config, steps_per_epoch, epochs, peak_learning_rate),
+        momentum=config.momentum, nesterov=config.nesterov,
+    )
+
+
+def learning_rate_schedule(config, steps_per_epoch, epochs, peak_learning_rate=None):
+    """The configured schedule (a float when constant), from `peak_learning_rate`.
+
+    The peak defaults to `config.learning_rate`.
+    """
     total_steps = steps_per_epoch * epochs
+    peak = config.learning_rate if peak_learning_rate is None else peak_learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=max(1, total_steps)
+            peak, decay_steps=max(1, total_steps)
         )
     else:
         decay_epochs = config.lr_decay_epochs or (
@@ -155,17 +168,15 @@ def make_optimizer(config, steps_per_epoch, epochs):
         )
         boundaries = sorted({int(e) * steps_per_epoch for e in decay_epochs if 0 < e < epochs})
         values = [
-            config.learning_rate * config.lr_decay_factor**index
+            peak * config.lr_decay_factor**index
             for index in range(len(boundaries) + 1)
         ]
         learning_rate = (
             keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
             if boundaries
-            else config.learning_rate
+            else peak
         )
-    return keras.optimizers.SGD(
-        learning_rate, momentum=config.momentum, nesterov=config.nesterov
-    )
+    return learning_rate
 
 
 class Experiment:
@@ -324,14 +335,15 @@ class Experiment:
             say("Reusing paraphraser %d from %s", index, path)
             paraphraser.load_weights(path)
         else:
-            say("Training paraphraser %d (rate %.2f, %d epochs)", index, config.ft_rate,
-                config.paraphraser_epochs)
+            say("Training paraphraser %d (rate %.2f, %d epochs, lr %g)", index, config.ft_rate,
+                config.paraphraser_epochs, config.paraphraser_learning_rate)
             with self.strategy.scope():
                 trainer = factor_transfer.ParaphraserTrainer(
                     teacher, paraphraser, teacher_layer=config.teacher_layer,
                     weight_decay=config.weight_decay,
                 )
-            self.fit_model(trainer, stage=f"paraphraser_{index}", epochs=config.paraphraser_epochs)
+            self.fit_model(trainer, stage=f"paraphraser_{index}", epochs=config.paraphraser_epochs,
+                           learning_rate=config.paraphraser_learning_rate)
             storage.save_weights(paraphraser, path)
         paraphraser.trainable = False
         return paraphraser
@@ -382,7 +394,8 @@ class Experiment:
         self.fit_model(distiller, stage=stage, seed=seed, epochs=epochs, validate=True)
         return distiller
 
-    def fit_model(self, model, *, stage, seed=None, epochs=None, validate=False):
+    def fit_model(self, model, *, stage, seed=None, epochs=None, validate=False,
+                  learning_rate=None):
         """Compiles `model` (a trainer such as `FEEDDistiller`) and fits it on the data.
 
         Args:
@@ -392,6 +405,7 @@ class Experiment:
           epochs: default `config.epochs`.
           validate: evaluate on the test split every `config.validation_freq`
             epochs (the model needs a `test_step`).
+          learning_rate: the schedule's peak; default `config.learning_rate`.
         """
         config = self.config
         seed = config.seed if seed is None else seed
@@ -399,7 +413,7 @@ class Experiment:
         steps = self.data.steps_per_epoch(config.batch_size)
         with self.strategy.scope():
             model.compile(
-                optimizer=make_optimizer(config, steps, epochs),
+                optimizer=make_optimizer(config, steps, epochs, learning_rate),
                 jit_compile=config.jit_compile,
             )
         checkpoint = checkpointing.StageCheckpoint(

@@ -131,7 +131,8 @@ class FactorTransfer(Method):
     """Factor Transfer (Kim, Park & Kwak, 2018), one paraphraser per teacher.
 
     Each teacher's map is paraphrased by an autoencoder pre-trained to
-    reconstruct it (`--paraphraser_epochs`, rate `--ft_rate`), then frozen; a
+    reconstruct it (`--paraphraser_epochs` at `--paraphraser_learning_rate`, rate
+    `--ft_rate`), then frozen; a
     translator on the student learns to match each factor:
     L = CE + beta * sum_n || F_Tn/||F_Tn|| - F_Sn/||F_Sn|| ||_1.
     """
@@ -147,6 +148,10 @@ class FactorTransfer(Method):
         if config.paraphraser_epochs < 1:
             raise ValueError(
                 f"--paraphraser_epochs must be >= 1, got {config.paraphraser_epochs}."
+            )
+        if not config.paraphraser_learning_rate > 0:
+            raise ValueError(
+                f"--paraphraser_learning_rate must be > 0, got {config.paraphraser_learning_rate}."
             )
 
     def run(self, experiment):

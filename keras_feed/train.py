@@ -64,6 +64,7 @@ flags.DEFINE_string("gcp_project", None, "--strategy=tpu: the TPU's Google Cloud
 flags.DEFINE_integer("generations", 2, "sfeed: born-again generations distilled after generation 0.")
 flags.DEFINE_float("ft_rate", 0.5, "ft: paraphrase rate k in (0, 1]; the factor has k * C channels.")
 flags.DEFINE_integer("paraphraser_epochs", 10, "ft: epochs of each paraphraser's reconstruction pre-training.")
+flags.DEFINE_float("paraphraser_learning_rate", 0.01, "ft: the paraphraser's peak learning rate (same schedule as the student's); its reconstruction loss on raw teacher maps diverges at the student's usual 0.1.")
 flags.DEFINE_bool("dry_run", False, "Validate the flags, build the models and the data spec, print the plan, train nothing.")
 
 # Outputs.

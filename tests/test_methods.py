@@ -150,6 +150,20 @@ def test_analysis_refuses_runs_it_cannot_measure(tmp_path, pfeed_kd_run):
         analysis.RunParts(str(broken))
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_optimizer_schedule_starts_at_the_given_peak(schedule):
+    config = experiment.TrainConfig(lr_schedule=schedule, learning_rate=0.1)
+    rates = {}
+    for peak in (None, 0.01):
+        rate = experiment.learning_rate_schedule(config, steps_per_epoch=10, epochs=4,
+                                                 peak_learning_rate=peak)
+        rates[peak] = [float(rate(step)) for step in (0, 25, 39)]
+    assert rates[None][0] == pytest.approx(0.1)
+    # The paraphraser's schedule is the student's, scaled to its own peak.
+    assert rates[0.01] == pytest.approx([r / 10 for r in rates[None]], rel=1e-5)
+    assert rates[None][2] < rates[None][1] < rates[None][0]
+
+
 @pytest.mark.parametrize(
     "method,settings,message",
     [
@@ -157,6 +171,7 @@ def test_analysis_refuses_runs_it_cannot_measure(tmp_path, pfeed_kd_run):
         ("kd", dict(kd_weight=0.9, temperature=0.0), "--temperature must be > 0"),
         ("ft", dict(ft_rate=1.5), "--ft_rate must lie in (0, 1]"),
         ("ft", dict(ft_rate=0.0), "--ft_rate must lie in (0, 1]"),
+        ("ft", dict(paraphraser_learning_rate=0.0), "--paraphraser_learning_rate must be > 0"),
         ("pfeed", dict(kd_weight=1.5), "--kd_weight must lie in [0, 1]"),
         ("kd", dict(kd_weight=0.0), "--method=kd needs --kd_weight"),
     ],
