@@ -104,7 +104,7 @@ DESCRIPTIONS = {
     "pfeed_2": "pFEED, two NTLs (teachers 0, 1)",
     "pfeed_3": "pFEED, three NTLs (teachers 0, 1, 2)",
     "kd": "Hinton KD from the 3-teacher ensemble (T=4, kd_weight 0.9)",
-    "ft": "Factor Transfer from teacher 0 (rate 0.5)",
+    "ft": "Factor Transfer from teacher 0 (rate 0.5; paraphraser: 10 epochs from lr 0.01)",
     "sfeed_2": "sFEED, two born-again generations from teacher 0",
     "pfeed_3_kd": "pFEED-3 + KD (T=4, kd_weight 0.9)",
     "pfeed_3_beta100": "pFEED-3, beta 100",
@@ -124,7 +124,7 @@ def plan():
         ]
     runs += [  # baselines
         Run("kd", "kd", 0, (0, 1, 2), KD),
-        Run("ft", "ft", 0, (0,), (("ft_rate", 0.5),)),
+        Run("ft", "ft", 0, (0,), (("ft_rate", 0.5), ("paraphraser_learning_rate", 0.01))),
         Run("sfeed_2", "sfeed", 0, (0,), (("generations", 2),)),
         Run("pfeed_3_kd", "pfeed", 0, (0, 1, 2), KD),
     ]
