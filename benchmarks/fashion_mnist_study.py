@@ -435,6 +435,11 @@ def train_student(study, run, revision):
         "git": revision,
     }
     record.update(stage_summary(metrics))
+    if "generations" in metrics:  # sfeed: every generation's test accuracy
+        record["generations"] = [
+            {"generation": g["generation"], "test_accuracy": g["test_accuracy"]}
+            for g in metrics["generations"]
+        ]
     return record
 
 
@@ -634,6 +639,12 @@ def write_report(study, results):
         for record in feed_rows:
             losses = ", ".join(f"{value:.4f}" for value in record["last_feed_loss"])
             lines.append(f"- {record['key']}: {losses}")
+    chains = [r for r in results["runs"] if r.get("generations")]
+    if chains:
+        lines += ["", "## Test accuracy per sFEED generation (generation 0: the CE teacher)", ""]
+        for record in chains:
+            steps = " → ".join(percent(g["test_accuracy"]) for g in record["generations"])
+            lines.append(f"- {record['key']}: {steps}")
     missing = [run.key for run in plan() if run.key not in {r["key"] for r in results["runs"]}]
     lines += ["", "## Status", ""]
     if len(teachers) < NUM_TEACHERS:

@@ -34,6 +34,9 @@ def made_up_results(study_module, leave_out=()):
             "history": {f"feed_loss_{i}": [0.01, 0.005] for i in range(len(run.teacher_ids))},
             "last_feed_loss": [0.005] * len(run.teacher_ids) if run.method != "ce" else None,
         })
+        if run.method == "sfeed":
+            runs[-1]["generations"] = [{"generation": g, "test_accuracy": a}
+                                       for g, a in enumerate((0.9, 0.905, 0.9075))]
     teachers = [{"index": i, "seed": 100 + i, "test_accuracy": 0.90, "wall_s": 600.0,
                  "images_per_s": 300.0} for i in range(3)]
     ensembles = {"2": {"teachers": [0, 1], "test_accuracy": 0.915},
@@ -54,6 +57,7 @@ def test_report_statistics(tmp_path, study_module):
     assert "- pfeed_3 − every CE run (ce + the teachers): +2.00 points" in report
     assert "- ensemble_3 − pfeed_3: +0.50 points" in report
     assert "complete: every planned run is recorded" in report
+    assert "- sfeed_2/seed0: 90.00 → 90.50 → 90.75" in report
     assert (tmp_path / "fashion_mnist_accuracy.png").stat().st_size > 0
     assert (tmp_path / "fashion_mnist_feed_loss.png").stat().st_size > 0
 
