@@ -48,7 +48,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's keras_feed
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the checkout's keras_feed, installed or not
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,7 +59,6 @@ from keras_feed import FEEDDistiller, data, losses, models  # noqa: E402
 from keras_feed import translators as translators_lib  # noqa: E402
 from keras_feed.distiller import feature_extractor, inference_model  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "throughput.json")
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
