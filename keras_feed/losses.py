@@ -1,37 +1,50 @@
 """Loss terms of FEED and of the baselines it is compared with.
 
-Every function here is a pure function of tensors: no layers, no state. Each
-returns a float32 scalar (inputs are cast to float32 first, so the terms are
-safe under mixed precision) averaged over the batch. Under `tf.distribute`
-the caller divides by the number of replicas; see `FEEDDistiller`.
+Every function here is a pure function of tensors: no layers, no state, and
+only `keras.ops`, so the terms run on any Keras backend. Each returns a float32
+scalar (inputs are cast to float32 first, so the terms are safe under mixed
+precision) averaged over the batch. Under `tf.distribute` the caller divides
+by the number of replicas; see `FEEDDistiller`.
 """
 
-import tensorflow as tf
+import functools
+import operator
 
-# `tf.math.l2_normalize` divides by max(||x||, sqrt(epsilon)); 1e-12 matches
-# the reference code's `F.normalize` and keeps all-zero maps finite.
+import keras
+
+# The floor on the per-example L2 norm: x / max(||x||_2, 1e-12), the reference
+# code's `F.normalize` (eps=1e-12), which keeps all-zero maps finite. (Unlike
+# `tf.math.l2_normalize(x, epsilon=1e-12)`, whose floor is sqrt(1e-12) = 1e-6.)
 _L2_EPSILON = 1e-12
 
 
 def normalize_per_example(features):
-    """Flattens each example of `features` and scales it to unit L2 norm.
+    """Flattens each example of `features` and divides it by its L2 norm.
+
+    Each row becomes x / max(||x||_2, 1e-12), as PyTorch's
+    `F.normalize(x, dim=1)` computes it. The floor is applied to the sum of
+    squares (max(sum x^2, 1e-24), the same value) so that the gradient at an
+    all-zero example is finite.
 
     Args:
       features: a tensor `(batch, ...)`, e.g. a feature map `(batch, H, W, C)`.
 
     Returns:
-      A float32 tensor `(batch, prod(...))` whose rows have L2 norm 1 (or are
-      zero where the example was all zeros).
+      A float32 tensor `(batch, prod(...))` whose rows have L2 norm 1 where the
+      example's norm is at least 1e-12 (and are zero where it was all zeros).
     """
-    features = tf.cast(features, tf.float32)
-    flat = tf.reshape(features, [tf.shape(features)[0], -1])
-    return tf.math.l2_normalize(flat, axis=1, epsilon=_L2_EPSILON)
+    features = keras.ops.cast(features, "float32")
+    flat = keras.ops.reshape(features, (keras.ops.shape(features)[0], -1))
+    squared_norm = keras.ops.sum(keras.ops.square(flat), axis=1, keepdims=True)
+    norm = keras.ops.sqrt(keras.ops.maximum(squared_norm, _L2_EPSILON**2))
+    return flat / norm
 
 
 def feed_loss(teacher_features, student_features):
     """The FEED loss between one teacher's map and one NTL's output.
 
-    Per example, both maps are flattened and L2-normalised, and the loss is the
+    Per example, both maps are flattened and L2-normalised
+    (`normalize_per_example`: x / max(||x||_2, 1e-12)), and the loss is the
     mean absolute difference over their elements; the result is the mean over
     the batch. This is Factor Transfer's reduction (a mean over elements), the
     one for which the paper's beta = 500 holds.
@@ -44,9 +57,7 @@ def feed_loss(teacher_features, student_features):
     Returns:
       A float32 scalar: 0 for maps of equal direction, finite for zero maps.
     """
-    return tf.reduce_mean(
-        per_example_feed_loss(teacher_features, student_features)
-    )
+    return keras.ops.mean(per_example_feed_loss(teacher_features, student_features))
 
 
 def per_example_feed_loss(teacher_features, student_features):
@@ -54,7 +65,7 @@ def per_example_feed_loss(teacher_features, student_features):
     difference = normalize_per_example(teacher_features) - normalize_per_example(
         student_features
     )
-    return tf.reduce_mean(tf.abs(difference), axis=1)
+    return keras.ops.mean(keras.ops.abs(difference), axis=1)
 
 
 def ft_loss(teacher_factor, student_factor):
@@ -68,9 +79,11 @@ def ft_loss(teacher_factor, student_factor):
 
 def cross_entropy(labels, logits):
     """Mean sparse categorical cross-entropy from logits, as float32."""
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+    return keras.ops.mean(
+        keras.ops.sparse_categorical_crossentropy(
+            keras.ops.cast(labels, "int32"),
+            keras.ops.cast(logits, "float32"),
+            from_logits=True,
         )
     )
 
@@ -86,10 +99,10 @@ def ensemble_soft_targets(teacher_logits, temperature):
       float32 `(batch, classes)` probabilities: mean_n softmax(z_n / T).
     """
     probabilities = [
-        tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+        keras.ops.softmax(keras.ops.cast(logits, "float32") / temperature, axis=-1)
         for logits in teacher_logits
     ]
-    return tf.add_n(probabilities) / float(len(probabilities))
+    return functools.reduce(operator.add, probabilities) / float(len(probabilities))
 
 
 def kd_loss(teacher_probabilities, student_logits, temperature):
@@ -105,16 +118,16 @@ def kd_loss(teacher_probabilities, student_logits, temperature):
       A float32 scalar: the KL divergence summed over classes, averaged over
       the batch, times T^2 (so that its gradients keep their scale as T grows).
     """
-    teacher_probabilities = tf.cast(teacher_probabilities, tf.float32)
-    student_log_probabilities = tf.nn.log_softmax(
-        tf.cast(student_logits, tf.float32) / temperature, axis=-1
+    teacher_probabilities = keras.ops.cast(teacher_probabilities, "float32")
+    student_log_probabilities = keras.ops.log_softmax(
+        keras.ops.cast(student_logits, "float32") / temperature, axis=-1
     )
-    teacher_log_probabilities = tf.math.log(
-        tf.maximum(teacher_probabilities, 1e-12)
+    teacher_log_probabilities = keras.ops.log(
+        keras.ops.maximum(teacher_probabilities, 1e-12)
     )
-    kl = tf.reduce_sum(
+    kl = keras.ops.sum(
         teacher_probabilities
         * (teacher_log_probabilities - student_log_probabilities),
         axis=-1,
     )
-    return tf.reduce_mean(kl) * (temperature**2)
+    return keras.ops.mean(kl) * (temperature**2)
