@@ -17,6 +17,8 @@ setuptools.setup(
         "tensorflow>=2.16",
         "keras>=3.12",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets imports it to prepare any dataset without declaring it.
+        "importlib_resources",
         "absl-py>=1.0",
         "tensorboard>=2.16",
         "numpy",

@@ -503,3 +503,66 @@ def test_tfds_mock_data():
     assert im.info.num_classes == 1000 and im.info.augment == "imagenet"
     assert im.info.num_train == 10 and im.info.num_test == 20
     assert xi.shape == (4, 32, 32, 3) and xt.shape == (8, 32, 32, 3)
+
+
+def write_tfds_cifar10_download(data_dir, train_per_batch=4, test=6):
+    """Puts a tiny CIFAR-10 archive where TFDS caches its download of the real one.
+
+    The archive has the layout of ``cifar-10-binary.tar.gz`` (one label byte and
+    3x32x32 channel-first pixels per record); TFDS trusts a cached download under
+    its registered checksum, so ``tfds.load`` builds the dataset without a network.
+    Returns the train and test images (channel-last) and labels.
+    """
+    import io  # pylint: disable=import-outside-toplevel
+    import json  # pylint: disable=import-outside-toplevel
+    import tarfile  # pylint: disable=import-outside-toplevel
+
+    from tensorflow_datasets.core.download import checksums  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
+
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+    url_info = checksums.get_all_url_infos().get(url)
+    if url_info is None:
+        pytest.skip("this TFDS version registers no checksum for the CIFAR-10 archive")
+    downloads = os.path.join(data_dir, "downloads")
+    os.makedirs(downloads)
+    archive = os.path.join(downloads, resource.get_dl_fname(url, url_info.checksum))
+    rs = np.random.RandomState(0)
+    arrays = {"train": ([], []), "test": ([], [])}
+
+    def records(split, n, first_label):
+        labels = (np.arange(n) + first_label) % 10
+        images = rs.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+        arrays[split][0].append(images.transpose(0, 2, 3, 1))
+        arrays[split][1].append(labels)
+        return b"".join(bytes([int(label)]) + image.tobytes() for label, image in zip(labels, images))
+
+    files = {f"data_batch_{i}.bin": records("train", train_per_batch, i) for i in range(1, 6)}
+    files["test_batch.bin"] = records("test", test, 0)
+    files["batches.meta.txt"] = b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, payload in files.items():
+            member = tarfile.TarInfo("cifar-10-batches-bin/" + name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    with open(archive + ".INFO", "w", encoding="utf-8") as f:
+        json.dump({"urls": [url], "original_fname": "cifar-10-binary.tar.gz"}, f)
+    return {split: (np.concatenate(x), np.concatenate(y)) for split, (x, y) in arrays.items()}
+
+
+def test_tfds_builds_cifar10_offline(tmp_path):
+    # A fresh install once failed every TFDS download and preparation with
+    # "No module named 'importlib_resources'" (imported by TFDS, undeclared).
+    pytest.importorskip("tensorflow_datasets")
+    expected = write_tfds_cifar10_download(str(tmp_path))
+    d = data.load("cifar10", data_dir=str(tmp_path))
+    assert d.info.num_train == 20 and d.info.num_test == 6 and d.info.num_classes == 10
+    assert d.info.image_shape == (32, 32, 3) and d.info.mean == data.CIFAR10_MEAN
+    batch, labels = next(iter(d.test(6)))
+    pixels = np.rint((batch.numpy() * d.info.std + d.info.mean) * 255).astype(np.uint8)
+    x_test, y_test = expected["test"]
+    # TFDS may order a split differently from its source files: match images by content.
+    by_bytes = {image.tobytes(): label for image, label in zip(x_test, y_test)}
+    assert {image.tobytes(): int(label) for image, label in zip(pixels, labels.numpy())} == by_bytes
+    x, y = next(iter(d.train(8)))
+    assert x.shape == (8, 32, 32, 3) and y.dtype == tf.int32
