@@ -29,7 +29,9 @@ Sources (``dataset_names()``):
   If every image has the same size <= 64 px (or ``image_size <= 64`` is
   given), the folder is treated like CIFAR ("cifar" augmentation, small folders
   are held in memory); otherwise images are streamed from disk with "imagenet"
-  augmentation at ``image_size`` (default 224).
+  augmentation at ``image_size`` (default 224).  Small images of several
+  sizes (e.g. 28x28 and 32x32) raise :class:`DataError` naming the sizes
+  unless ``image_size`` says which size the model sees.
 * ``synthetic`` -- a small, learnable toy task for smoke tests: 10 classes,
   16x16x3 images (``image_size`` overrides), each class a smooth random
   template plus Gaussian noise; 512 training examples (or ``train_examples``)
@@ -75,6 +77,7 @@ import dataclasses
 import gzip
 import math
 import os
+import re
 import zlib
 
 import numpy as np
@@ -485,8 +488,28 @@ def _decode_file(path):
     try:
         return _decode_any(tf.constant(contents)).numpy()
     except (tf.errors.OpError, ValueError) as e:
-        msg = getattr(e, "message", str(e))
-        raise DataError(f"cannot decode image {path}: {_one_line(msg, 120)}") from None
+        reason = _op_error_reason(e)
+        raise DataError(f"cannot decode image {path}: {_one_line(reason, 160)}") from None
+
+
+def _op_error_reason(err):
+    """The failing op's own reason in a TensorFlow error, without the graph preamble.
+
+    A ``tf.function`` error reads ``Graph execution error: Detected at node ...
+    defined at (most recent call last): File ... <reason> [[{{node ...}}]]
+    [Op:...]``; only ``<reason>`` (e.g. ``Invalid PNG. Failed to initialize
+    decoder.``) tells the user anything.
+    """
+    lines = (getattr(err, "message", None) or str(err)).splitlines()
+    # The reason follows the traceback of where the op was defined.
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    if frames:
+        lines = lines[frames[-1] + 1:]
+    lines = [line for line in lines if not line.startswith(("Graph execution error",
+                                                            "Detected at node"))]
+    reason = re.sub(r"\[\[\{\{node [^}]*\}\}\]\]|\[Op:[^\]]*\]|\{\{function_node [^}]*\}\}",
+                    " ", " ".join(lines))
+    return " ".join(reason.split()) or type(err).__name__
 
 
 def _check_magic(path):
@@ -546,7 +569,7 @@ def _load_folder(data_dir, image_size):
 
     kept = None
     if len(all_paths) <= FOLDER_VERIFY_LIMIT:
-        shapes, kept = [], []
+        decoded, shapes, kept = all_paths, [], []
         for p in all_paths:
             img = _decode_file(p)
             shapes.append(img.shape)
@@ -555,10 +578,13 @@ def _load_folder(data_dir, image_size):
         for p in all_paths:
             _check_magic(p)
         picks = sorted(set(np.linspace(0, len(all_paths) - 1, 64).astype(int).tolist()))
-        shapes = [_decode_file(all_paths[i]).shape for i in picks]
+        decoded = [all_paths[i] for i in picks]
+        shapes = [_decode_file(p).shape for p in decoded]
     channels = 3 if any(shape[-1] >= 3 for shape in shapes) else 1
     sizes = {tuple(shape[:2]) for shape in shapes}
     if image_size is None:
+        if len(sizes) > 1 and min(max(hw) for hw in sizes) <= SMALL_IMAGE_MAX:
+            raise _mixed_sizes_error(data_dir, decoded, shapes)
         if len(sizes) == 1 and max(next(iter(sizes))) <= SMALL_IMAGE_MAX:
             size = next(iter(sizes))
         else:
@@ -582,6 +608,32 @@ def _load_folder(data_dir, image_size):
     else:
         result["files"] = (train_paths, train_labels, test_paths, test_labels)
     return result
+
+
+def _mixed_sizes_error(data_dir, paths, shapes, examples=4):
+    """DataError for a folder whose small images are not all one size.
+
+    Resizing them all to one guessed size would silently change the task (and
+    switch 28x28 digits to ImageNet's 224x224 pipeline), so the user says which
+    size the model sees.  Names each size found (most frequent first) with one
+    example file, relative to ``data_dir``.
+    """
+    first_file, counts = {}, {}
+    for path, shape in zip(paths, shapes):
+        hw = tuple(int(s) for s in shape[:2])
+        first_file.setdefault(hw, os.path.relpath(path, data_dir))
+        counts[hw] = counts.get(hw, 0) + 1
+    order = sorted(counts, key=lambda hw: (-counts[hw], hw))
+    found = ", ".join(
+        f"{h}x{w} ({counts[(h, w)]} file{'s' * (counts[(h, w)] > 1)}, "
+        f"e.g. {first_file[(h, w)]})"
+        for h, w in order[:examples]
+    )
+    more = f" and {len(order) - examples} more sizes" if len(order) > examples else ""
+    return DataError(
+        f"folder dataset {data_dir}: images of {len(order)} different sizes: {found}{more}; "
+        "pass --image_size (image_size= in Python) to resize them all to one size"
+    )
 
 
 # --------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Tests for keras_feed.data (tiny data written into tmp_path)."""
 
 import gzip
+import io
+import json
 import os
 import struct
+import tarfile
 
 import numpy as np
 import pytest
@@ -443,6 +446,40 @@ def test_folder_errors(tmp_path):
     assert "owl" in str(err.value)
 
 
+def test_folder_of_mixed_small_sizes_is_refused(tmp_path, monkeypatch):
+    # 28x28 and 32x32 PNGs were once resized to 224x224 with ImageNet augmentation.
+    root = make_folder(tmp_path, size=(28, 28), classes=("cat", "dog"))
+    for i in range(3):
+        write_png(os.path.join(root, "train", "dog", f"big_{i}.png"),
+                  np.zeros((32, 32, 3), np.uint8))
+    for limit in (10**6, 4):  # decoded in full, or sampled from a large folder
+        monkeypatch.setattr(data, "FOLDER_VERIFY_LIMIT", limit)
+        with pytest.raises(DataError) as err:
+            data.load("folder", data_dir=root)
+        assert_one_line(err)
+        message = str(err.value)
+        assert "28x28" in message and "32x32" in message and "--image_size" in message
+        assert os.path.join("train", "cat", "0.png") in message
+        assert os.path.join("train", "dog", "big_0.png") in message
+    resized = data.load("folder", data_dir=root, image_size=28)
+    assert resized.info.image_shape == (28, 28, 3) and resized.info.augment == "cifar"
+    assert resized.info.num_train == 13
+    assert next(iter(resized.train(4)))[0].shape == (4, 28, 28, 3)
+
+
+def test_corrupt_png_names_the_decoders_reason(tmp_path):
+    root = make_folder(tmp_path)
+    bad = os.path.join(root, "train", "dog", "broken.png")
+    open(bad, "wb").write(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(DataError) as err:
+        data.load("folder", data_dir=root)
+    assert_one_line(err)
+    message = str(err.value)
+    assert message.startswith(f"cannot decode image {bad}: ")
+    assert "Invalid PNG" in message and message.endswith("."), message
+    assert "Graph execution" not in message and "node" not in message, message
+
+
 # ----------------------------------------------------------------- synthetic
 
 
@@ -513,12 +550,8 @@ def write_tfds_cifar10_download(data_dir, train_per_batch=4, test=6):
     its registered checksum, so ``tfds.load`` builds the dataset without a network.
     Returns the train and test images (channel-last) and labels.
     """
-    import io  # pylint: disable=import-outside-toplevel
-    import json  # pylint: disable=import-outside-toplevel
-    import tarfile  # pylint: disable=import-outside-toplevel
-
-    from tensorflow_datasets.core.download import checksums  # pylint: disable=import-outside-toplevel
-    from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow_datasets.core.download import checksums, resource
 
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     url_info = checksums.get_all_url_infos().get(url)
@@ -535,11 +568,14 @@ def write_tfds_cifar10_download(data_dir, train_per_batch=4, test=6):
         images = rs.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)
         arrays[split][0].append(images.transpose(0, 2, 3, 1))
         arrays[split][1].append(labels)
-        return b"".join(bytes([int(label)]) + image.tobytes() for label, image in zip(labels, images))
+        return b"".join(bytes([int(label)]) + image.tobytes()
+                        for label, image in zip(labels, images))
 
     files = {f"data_batch_{i}.bin": records("train", train_per_batch, i) for i in range(1, 6)}
     files["test_batch.bin"] = records("test", test, 0)
-    files["batches.meta.txt"] = b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n"
+    files["batches.meta.txt"] = "\n".join(
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ).encode()
     with tarfile.open(archive, "w:gz") as tar:
         for name, payload in files.items():
             member = tarfile.TarInfo("cifar-10-batches-bin/" + name)
