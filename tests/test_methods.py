@@ -46,8 +46,8 @@ def test_registry_has_every_method():
 def test_kd(tmp_path, teacher_dir):
     metrics = train("kd", tmp_path, teacher_dir, kd_weight=0.9, temperature=4.0)
     logged = metrics["stages"]["student"]["last_epoch"]
-    assert {"kd_loss", "ce_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
-    assert logged["loss"] == pytest.approx(0.1 * logged["ce_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
+    assert {"kd_loss", "student_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
+    assert logged["loss"] == pytest.approx(0.1 * logged["student_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
     assert metrics["ensemble"]["size"] == 2
     assert not os.path.exists(tmp_path / "translators.weights.h5")
 
@@ -73,9 +73,39 @@ def test_pfeed_with_kd(pfeed_kd_run):
     logged = metrics["stages"]["student"]["last_epoch"]
     assert {"feed_loss_0", "feed_loss_1", "kd_loss"} <= set(logged)
     assert logged["loss"] == pytest.approx(
-        0.5 * logged["ce_loss"] + 0.5 * logged["kd_loss"]
+        0.5 * logged["student_loss"] + 0.5 * logged["kd_loss"]
         + 100.0 * (logged["feed_loss_0"] + logged["feed_loss_1"]), rel=1e-3
     )
+
+
+def numpy_reconstruction(run_dir):
+    """Per teacher, (FEED loss, relative L2 error) over the synthetic test split, in NumPy.
+
+    The models come from the run folder; the normalisation, the norms and the
+    means over examples are computed here, independently of keras_feed.analysis.
+    """
+    from keras_feed import analysis, data
+
+    parts = analysis.RunParts(str(run_dir))
+    targets = [[] for _ in parts.teachers]
+    outputs = [[] for _ in parts.teachers]
+    for images, _ in data.load("synthetic").test(256):
+        _, student_map = parts.student(images, training=False)
+        for index, (teacher, translator) in enumerate(zip(parts.teachers, parts.translators)):
+            _, teacher_map = teacher(images, training=False)
+            targets[index].append(teacher_map.numpy().reshape(len(images), -1))
+            outputs[index].append(translator(student_map, training=False).numpy().reshape(len(images), -1))
+    result = []
+    for target, output in zip(targets, outputs):
+        target = np.concatenate(target).astype(np.float64)
+        output = np.concatenate(output).astype(np.float64)
+        target /= np.maximum(np.linalg.norm(target, axis=1, keepdims=True), 1e-12)
+        output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
+        relative = np.linalg.norm(target - output, axis=1) / np.maximum(
+            np.linalg.norm(target, axis=1), 1e-12)
+        result.append((np.mean(np.abs(target - output)), np.mean(relative)))
+    assert all(relative > 1e-3 for _, relative in result)  # not trivially zero
+    return result
 
 
 def test_sfeed_and_analysis(tmp_path, teacher_dir, pfeed_kd_run):
@@ -102,9 +132,13 @@ def test_sfeed_and_analysis(tmp_path, teacher_dir, pfeed_kd_run):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "analysis.json").read_text())
     assert [len(run["teachers"]) for run in report["runs"]] == [2, 1]
-    for run in report["runs"]:
-        for entry in run["teachers"]:
-            assert 0.0 <= entry["relative_l2_error"] <= 2.0 and entry["feed_loss"] >= 0.0
+    for run, run_dir in zip(report["runs"], (pfeed_dir, sfeed_dir)):
+        assert run["examples"] == 256  # the whole synthetic test split
+        expected = numpy_reconstruction(run_dir)
+        assert [entry["teacher"] for entry in run["teachers"]] == list(range(len(expected)))
+        for entry, (feed, relative) in zip(run["teachers"], expected):
+            assert entry["relative_l2_error"] == pytest.approx(relative, rel=1e-5)
+            assert entry["feed_loss"] == pytest.approx(feed, rel=1e-5)
     assert (out / "reconstruction_error.png").stat().st_size > 1000
 
 
