@@ -10,6 +10,7 @@ writer left behind is removed by `remove_partial_files`.
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -25,6 +26,27 @@ class ModelFileError(ValueError):
     """A model file that is missing, not a Keras model, or refused as unsafe."""
 
 
+class WriteError(OSError):
+    """An output that could not be written: a full disk, no permission, ...
+
+    Its message is one line naming the file being written (never the temporary
+    name it is written under) and the reason, e.g. `cannot write
+    runs/r/student.keras: [Errno 28] No space left on device`. `errno` and
+    `filename` are those of an `OSError`.
+    """
+
+    def __init__(self, path, error):
+        number = getattr(error, "errno", None)
+        if isinstance(number, int) and number > 0:
+            reason = f"[Errno {number}] {os.strerror(number)}"  # h5py's strerror is a page long
+        else:
+            reason = first_line(error)
+        super().__init__(number, reason, path)
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, directory=False):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
@@ -32,9 +54,21 @@ def atomic_path(path, *, directory=False):
     What was written to the temporary path is flushed to disk (fsync) before
     the rename, and the rename itself after. On an exception the temporary
     file or folder is removed and `path` is left as it was. For a folder, the
-    old one is replaced only once the new one is complete.
+    old one is replaced only once the new one is complete. An `OSError` while
+    writing, flushing or renaming becomes a `WriteError` naming `path`.
     """
     path = os.fspath(path)
+    try:
+        with _atomic_path(path, directory) as temporary:
+            yield temporary
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(path, error) from error
+
+
+@contextlib.contextmanager
+def _atomic_path(path, directory):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(path)
@@ -152,8 +186,19 @@ def export_saved_model(model, path):
     The SavedModel has a `serving_default` signature and reloads with
     `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`.
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     with atomic_path(path, directory=True) as temporary:
-        model.export(temporary, format="tf_saved_model", verbose=False)
+        try:
+            model.export(temporary, format="tf_saved_model", verbose=False)
+        except tf.errors.OpError as error:  # TensorFlow's own file system errors
+            raise WriteError(path, _tensorflow_reason(error.message)) from error
+
+
+def _tensorflow_reason(message):
+    """`File too large` from `{{function_node ...}} <file>; File too large [Op:SaveV2]`."""
+    message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", " ", first_line(message))
+    return message.rsplit("; ", 1)[-1].strip()
 
 
 def load_model(path, *, unsafe=False):
