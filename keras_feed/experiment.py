@@ -107,6 +107,10 @@ def say(message, *args):
 
 def check_config(config, method):
     """Raises `ValueError` (one line) on flag values that cannot work."""
+    for field in dataclasses.fields(config):  # nan and inf pass every comparison below
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"--{field.name} must be a finite number, got {value}.")
     positive = {
         "epochs": config.epochs,
         "batch_size": config.batch_size,
