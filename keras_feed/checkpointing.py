@@ -232,6 +232,32 @@ def _first_non_finite(logs):
     return None
 
 
+#: `[the StageCheckpoint of the stage this process trains, or trained last]`.
+_TRAINING = []
+
+
+def interruption_message():
+    """Where a run stopped by Ctrl-C or SIGTERM stood, in one line.
+
+    No checkpoint is written at the interruption (a signal can land anywhere,
+    also inside a write): a rerun of the same command resumes from the stage's
+    last periodic checkpoint (each epoch's end, and every `--checkpoint_steps`),
+    which the interruption leaves as it was.
+    """
+    checkpoint = _TRAINING[0] if _TRAINING else None
+    if checkpoint is None:
+        return "interrupted before training began; run the same command again to resume"
+    if checkpoint.complete:
+        return (f"interrupted after stage {checkpoint.stage}; "
+                "run the same command again to resume")
+    if checkpoint.saved_step is None:
+        since = "the stage's start (it had no checkpoint yet)"
+    else:
+        since = f"its last checkpoint, {checkpoint.describe(checkpoint.saved_step)}"
+    return (f"interrupted at step {checkpoint.step} of stage {checkpoint.stage}; "
+            f"run the same command again to resume from {since}")
+
+
 class StageCheckpoint(keras.callbacks.Callback):
     """Saves, restores and guards one training stage of a compiled trainer.
 
@@ -394,6 +420,9 @@ class StageCheckpoint(keras.callbacks.Callback):
         )
 
     # -- the callback ------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        _TRAINING[:] = [self]
 
     def on_epoch_begin(self, epoch, logs=None):
         skipped = self.steps_per_epoch - self.params["steps"]

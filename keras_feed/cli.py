@@ -1,6 +1,7 @@
 """What the command-line tools share: quiet start-up, common flags, one-line errors."""
 
 import os
+import signal
 import sys
 
 # Before TensorFlow loads: keep its C++ start-up chatter out of the console.
@@ -14,12 +15,44 @@ def fail(program, error):
     sys.exit(1)
 
 
-def main_with_errors(program, body):
-    """Runs `body()`; a `ValueError` or `OSError` becomes one line and exit 1."""
+#: Exit statuses of a command stopped by Ctrl-C (SIGINT) or SIGTERM: 128 + the signal.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM, as `KeyboardInterrupt` is by Ctrl-C.
+
+    A `BaseException`, so that no `except Exception` on the way swallows it: it
+    unwinds the program like Ctrl-C does, releasing locks and removing
+    half-written files on the way.
+    """
+
+
+def _raise_terminated(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+
+def main_with_errors(program, body, interrupted=None):
+    """Runs `body()`; a `ValueError` or `OSError` becomes one line and exit 1.
+
+    Ctrl-C and SIGTERM stop it with one line, `<program>: <interrupted()>`
+    (default "interrupted"), and exit 130 or 143.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return body()
     except (ValueError, OSError) as error:
         fail(program, error)
+    except (KeyboardInterrupt, Terminated) as interruption:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        message = interrupted() if interrupted else "interrupted"
+        print(f"{program}: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def flags_parser(program):
@@ -69,8 +102,12 @@ def define_unsafe_load_flag():
         )
 
 
-def run(program, body):
-    """Runs a command: parses its flags (one-line errors), then `body()` with one-line errors."""
+def run(program, body, interrupted=None):
+    """Runs a command: parses its flags (one-line errors), then `body()` with one-line errors.
+
+    `interrupted()`, if given, says where the command stood when Ctrl-C or
+    SIGTERM stopped it (see `main_with_errors`).
+    """
     from absl import app
     from absl import logging
 
@@ -79,7 +116,7 @@ def run(program, body):
         # export details...); keep the console to what keras-feed says.
         if not flags_given("verbosity", "v"):
             logging.set_verbosity(logging.WARNING)
-        return main_with_errors(program, body)
+        return main_with_errors(program, body, interrupted)
 
     app.run(main, flags_parser=flags_parser(program))
 

@@ -10,6 +10,7 @@ anything is trained or written.
 """
 
 import dataclasses
+import sys
 
 from keras_feed import cli
 from absl import flags
@@ -108,8 +109,20 @@ def main():
     print(f"Test accuracy: {', '.join(summary)}. Outputs in {FLAGS.model_dir}")
 
 
+def interrupted():
+    """Where a run stopped by Ctrl-C or SIGTERM stood (no checkpoint is written then).
+
+    `checkpointing.interruption_message`: the stage and step, and the last
+    periodic checkpoint that a rerun of the same command resumes from.
+    """
+    checkpointing = sys.modules.get("keras_feed.checkpointing")
+    if checkpointing is None:  # stopped while starting up
+        return "interrupted before training began; run the same command again to resume"
+    return checkpointing.interruption_message()
+
+
 def run():
-    cli.run("keras-feed-train", main)
+    cli.run("keras-feed-train", main, interrupted)
 
 
 if __name__ == "__main__":

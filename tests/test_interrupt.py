@@ -1,0 +1,89 @@
+"""Ctrl-C and SIGTERM stop `keras-feed-train` with one line; the same command resumes.
+
+Each run is a `python -m keras_feed.train` subprocess on tiny synthetic data,
+interrupted once its student stage has written a periodic checkpoint.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TIMEOUT = 600  # seconds, for a busy machine
+
+# 16 steps an epoch, 3 epochs, a checkpoint at each epoch's end.
+RUN = [
+    "--method=ce",
+    "--dataset=synthetic",
+    "--model=resnet8",
+    "--train_examples=256",
+    "--batch_size=16",
+    "--epochs=3",
+    "--learning_rate=0.05",
+    "--eval_batch_size=128",
+    "--verbose=0",
+]
+
+MESSAGE = re.compile(
+    r"keras-feed-train: interrupted at step (\d+) of stage student; run the same command "
+    r"again to resume from its last checkpoint, step (\d+) \(epoch \d+, batch \d+\)"
+)
+
+
+def start(model_dir, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "keras_feed.train", *RUN, f"--model_dir={model_dir}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def output_lines(log_path):
+    """The output lines that are not TensorFlow's C++ start-up chatter."""
+    with open(log_path) as handle:
+        return [line for line in handle.read().splitlines() if line.strip() and not
+                line.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
+
+
+def wait_for_checkpoint(path, process):
+    deadline = time.time() + TIMEOUT
+    while not os.path.exists(path):
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, f"no checkpoint {path} within {TIMEOUT} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signal_number,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_run_says_where_and_the_same_command_resumes(tmp_path, signal_number,
+                                                                  status):
+    model_dir = str(tmp_path / "run")
+    log_path = str(tmp_path / "interrupted.txt")
+    process = start(model_dir, log_path)
+    try:
+        checkpoint = os.path.join(model_dir, "checkpoints", "student", "state.npz")
+        wait_for_checkpoint(checkpoint, process)
+        process.send_signal(signal_number)
+        process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    lines = output_lines(log_path)
+    assert process.returncode == status, "\n".join(lines)
+    assert "Traceback" not in "\n".join(lines)
+    match = MESSAGE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    step, saved_step = int(match[1]), int(match[2])
+    assert 16 <= saved_step <= step < 48 and saved_step % 16 == 0
+    # The lock is released, and the checkpoint the message names is what a rerun resumes.
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    log_path = str(tmp_path / "resumed.txt")
+    process = start(model_dir, log_path)
+    assert process.wait(timeout=TIMEOUT) == 0, "\n".join(output_lines(log_path))
+    output = "\n".join(output_lines(log_path))
+    assert f"Stage student: resuming at step {saved_step + 1} " in output, output
+    assert os.path.exists(os.path.join(model_dir, "metrics.json"))
