@@ -46,8 +46,8 @@ def test_registry_has_every_method():
 def test_kd(tmp_path, teacher_dir):
     metrics = train("kd", tmp_path, teacher_dir, kd_weight=0.9, temperature=4.0)
     logged = metrics["stages"]["student"]["last_epoch"]
-    assert {"kd_loss", "student_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
-    assert logged["loss"] == pytest.approx(0.1 * logged["student_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
+    assert {"kd_loss", "ce_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
+    assert logged["loss"] == pytest.approx(0.1 * logged["ce_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
     assert metrics["ensemble"]["size"] == 2
     assert not os.path.exists(tmp_path / "translators.weights.h5")
 
@@ -73,7 +73,7 @@ def test_pfeed_with_kd(pfeed_kd_run):
     logged = metrics["stages"]["student"]["last_epoch"]
     assert {"feed_loss_0", "feed_loss_1", "kd_loss"} <= set(logged)
     assert logged["loss"] == pytest.approx(
-        0.5 * logged["student_loss"] + 0.5 * logged["kd_loss"]
+        0.5 * logged["ce_loss"] + 0.5 * logged["kd_loss"]
         + 100.0 * (logged["feed_loss_0"] + logged["feed_loss_1"]), rel=1e-3
     )
 
