@@ -15,14 +15,32 @@ three teachers (cross-entropy, seeds 100, 101, 102) and for every student; SGD
 with Nesterov momentum 0.9, lr 0.1 with cosine decay, weight decay 5e-4, batch
 128, 30 epochs for teachers and students alike, beta 500.
 
+Every seed distils from the same three teachers (trained once) on the same
+6,000-image subset: the seeds vary the students' initialisation, data order
+and augmentation only, so the spreads over seeds and the standard errors in
+the report exclude the variance of the teachers and of the subset.
+
 The study is resumable. Every finished run is appended at once (atomic write)
 to `benchmarks/results/fashion_mnist.json` and skipped on the next start;
 the teachers are kept in `benchmarks/results/fashion_mnist_teachers/` and
-reused. A run interrupted half-way starts again from scratch. Runs whose
-method is not registered in `keras_feed.methods` yet are postponed: the next
-start picks them up. Scratch folders of the runs go to `runs/` (not in git).
-After every run the table (`fashion_mnist.md`) and the plots
-(`fashion_mnist_accuracy.png`, `fashion_mnist_feed_loss.png`) are rewritten.
+reused. A run interrupted half-way (the process killed, the machine stopped)
+resumes on the next start from the last stage checkpoint in its scratch
+folder, which keras_feed writes at the end of every epoch (the recipe sets no
+`checkpoint_steps`), so it loses at most the epoch in progress; a run that
+finished but was not recorded is recorded from its `metrics.json` without
+training again. Only a run that fails with an exception has its scratch folder
+removed (the failure is noted in the json) and starts from scratch on the next
+start. Runs whose method is not registered in `keras_feed.methods` yet are
+postponed: the next start picks them up. Scratch folders of the runs go to
+`runs/fashion_mnist_study/` (not in git). After every run the table
+(`fashion_mnist.md`) and the plots (`fashion_mnist_accuracy.png`,
+`fashion_mnist_feed_loss.png`) are rewritten.
+
+Each record carries the keras_feed version that produced it (`git`: the
+checkout's commit, "+dirty" with uncommitted edits under keras_feed/, and a
+hash of the package's sources), both taken when the study process starts. The
+committed results span four versions: see README.md, "Evidence:
+Fashion-MNIST study".
 """
 
 import argparse
