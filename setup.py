@@ -4,7 +4,7 @@ import setuptools
 
 setuptools.setup(
     name="keras-feed",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "Distil an ensemble of teacher networks into one student at the "
         "feature-map level (FEED, Park & Kwak) with Keras 3 and TensorFlow."

@@ -1,34 +1,57 @@
 """keras-feed: feature-level ensemble knowledge distillation (FEED) for Keras 3.
 
+    import keras_feed as kf
+
+    student = kf.models.build("resnet20", input_shape=(32, 32, 3), num_classes=100)
+    distiller = kf.FEEDDistiller(student, teachers, beta=500.0)
+    distiller.compile(optimizer="sgd", metrics=["accuracy"])
+
 The main entry points:
 
 - `FEEDDistiller`: a `keras.Model` that trains a student from frozen teachers
   through parallel non-linear transformation layers (NTLs).
-- `keras_feed.models.build(name, input_shape=..., num_classes=...)`: the model zoo.
-- `keras_feed.data.load(name, ...)`: tf.data pipelines.
-- `keras_feed.losses`: `feed_loss`, `kd_loss`, `ft_loss`.
-- `keras_feed.experiment.run(TrainConfig(...))`: a whole run, as the CLI does it.
+- `kf.models.build(name, input_shape=..., num_classes=...)`: the model zoo.
+- `kf.data.load(name, ...)`: tf.data pipelines.
+- `kf.losses`: `feed_loss`, `kd_loss`, `ft_loss`.
+- `kf.translators`: the NTL (`Translator`) and Factor Transfer's paraphraser.
+- `kf.frozen`: features by layer name or path, logits of softmax heads,
+  inference twins of frozen networks.
+- `kf.checkpointing.StageCheckpoint`: crash-safe, exact resume for `fit`.
+- `kf.experiment.run(TrainConfig(...))`: a whole run, as the CLI does it.
 
-TensorFlow is imported on first use of these names, so that the command-line
-tools can set up logging before it loads.
+Every submodule (and TensorFlow with it) is imported on first use, so that
+the command-line tools can set up logging before TensorFlow loads.
 """
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_LAZY = {
+_SUBMODULES = (
+    "analysis", "checkpointing", "data", "distiller", "distribute", "experiment",
+    "factor_transfer", "frozen", "losses", "methods", "models", "storage",
+    "training_backend", "translators",
+)
+
+_NAMES = {
     "FEEDDistiller": ("keras_feed.distiller", "FEEDDistiller"),
     "Translator": ("keras_feed.translators", "Translator"),
     "feed_loss": ("keras_feed.losses", "feed_loss"),
     "TrainConfig": ("keras_feed.experiment", "TrainConfig"),
+    "StageCheckpoint": ("keras_feed.checkpointing", "StageCheckpoint"),
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_NAMES) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        module_name, attribute = _LAZY[name]
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_feed.{name}")
+    if name in _NAMES:
+        module_name, attribute = _NAMES[name]
         return getattr(importlib.import_module(module_name), attribute)
     raise AttributeError(f"module 'keras_feed' has no attribute '{name}'")
+
+
+def __dir__():
+    return __all__

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_feed import distiller as distiller_lib
+from keras_feed import frozen
 from keras_feed import experiment
 from keras_feed import losses
 from keras_feed import storage
@@ -46,13 +46,14 @@ class RunParts:
             )
         config = metrics.get("config", {})
         student = storage.load_model(os.path.join(run_dir, "student.keras"), unsafe=unsafe)
-        self.student = distiller_lib.feature_extractor(
-            student, config.get("student_layer", "features"), name="student"
+        self.student = frozen.extractor(
+            student, config.get("student_layer", "features"), role="Student", name="student"
         )
         self.teachers = [
-            distiller_lib.feature_extractor(
+            frozen.extractor(
                 storage.load_model(path, unsafe=unsafe),
                 config.get("teacher_layer", "features"),
+                role=f"Teacher {index}",
                 name=f"teacher_{index}",
             )
             for index, path in enumerate(teacher_paths)
@@ -67,9 +68,9 @@ def measure(parts, dataset):
     sums = np.zeros((len(parts.teachers), 2))
     count = 0
     for images, _ in dataset:
-        _, student_features = parts.student(images, training=False)
+        *_, student_features = parts.student(images, training=False)
         for index, (teacher, translator) in enumerate(zip(parts.teachers, parts.translators)):
-            _, teacher_features = teacher(images, training=False)
+            *_, teacher_features = teacher(images, training=False)
             translated = translator(student_features, training=False)
             target = losses.normalize_per_example(teacher_features)
             reconstruction = losses.normalize_per_example(translated)

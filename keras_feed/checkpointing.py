@@ -29,6 +29,7 @@ writes weights and metadata in place, one after the other; neither is exact
 or crash-safe.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -47,7 +48,7 @@ STATE_FILE = "state.npz"
 RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
+FORMAT = 2  # 2: the metrics' variables after the trainer's and optimizer's ("core")
 
 #: Settings that may change between a run and its resumption: they change
 #: neither what is trained nor how, only where and how it is reported (a
@@ -206,17 +207,23 @@ class RunDirectory:
 # -- stage checkpoints --------------------------------------------------------
 
 
+def _unique(variables):
+    seen, unique = set(), []
+    for variable in variables:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            unique.append(variable)
+    return unique
+
+
 def _state_variables(model):
-    """Every variable a training stage needs to continue exactly, in a fixed order."""
-    variables, seen = [], set()
-    groups = [model.variables, model.optimizer.variables]
-    groups += [metric.variables for metric in model.metrics]
-    for group in groups:
-        for variable in group:
-            if id(variable) not in seen:
-                seen.add(id(variable))
-                variables.append(variable)
-    return variables
+    """The trainer's and its optimizer's variables, in a fixed order."""
+    return _unique([*model.variables, *model.optimizer.variables])
+
+
+def _metric_variables(model):
+    """The variables of every metric of `model` (compiled ones once Keras built them)."""
+    return [variable for metric in model.metrics for variable in metric.variables]
 
 
 def _first_non_finite(logs):
@@ -356,13 +363,10 @@ class StageCheckpoint(keras.callbacks.Callback):
         self.step = self.saved_step = int(meta["step"])
         self.history = meta["history"]
         self.wall_s = float(meta["wall_s"])
-        if self.position()[1]:  # resumed mid-epoch: keep the epoch's running metrics
-            metric_ids = {id(v) for metric in self.model.metrics for v in metric.variables}
-            self._metric_values = [
-                (variable, value)
-                for variable, value in zip(self._variables, values)
-                if id(variable) in metric_ids
-            ]
+        if self.position()[1]:
+            # Resumed mid-epoch: the epoch's running metrics are restored once
+            # `fit` has built the compiled ones (`on_epoch_begin`).
+            self._metric_values = values[meta["core"]:]
         return self.step
 
     def _mismatch(self, meta, values):
@@ -374,8 +378,8 @@ class StageCheckpoint(keras.callbacks.Callback):
                 f"written for {schedule[1]} epochs x {schedule[0]} steps, this stage has "
                 f"{self.epochs} x {self.steps_per_epoch}"
             )
-        if len(values) != len(self._variables):
-            return f"{len(values)} variables saved, the trainer has {len(self._variables)}"
+        if meta["core"] != len(self._variables):
+            return f"{meta['core']} variables saved, the trainer has {len(self._variables)}"
         for variable, value in zip(self._variables, values):
             if tuple(value.shape) != tuple(variable.shape):
                 return (
@@ -386,8 +390,9 @@ class StageCheckpoint(keras.callbacks.Callback):
 
     def save(self):
         """Writes the current state atomically, unless a weight is non-finite."""
-        values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in self._variables]
-        for variable, value in zip(self._variables, values):
+        variables = self._variables + _metric_variables(self.model)
+        values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+        for variable, value in zip(variables, values):
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 since = "its start" if self.saved_step is None else f"step {self.saved_step}"
                 raise NonFiniteLossError(
@@ -402,6 +407,7 @@ class StageCheckpoint(keras.callbacks.Callback):
             "steps_per_epoch": self.steps_per_epoch,
             "epochs": self.epochs,
             "count": len(values),
+            "core": len(self._variables),
             "history": self.history,
             "wall_s": self.wall_s + time.time() - self._session_start,
         }
@@ -427,8 +433,16 @@ class StageCheckpoint(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         skipped = self.steps_per_epoch - self.params["steps"]
         self._segment_start = epoch * self.steps_per_epoch + skipped
-        if skipped and self._metric_values:
-            for variable, value in self._metric_values:
+        if skipped and self._metric_values is not None:
+            variables = _metric_variables(self.model)
+            shapes = [tuple(v.shape) for v in variables]
+            if shapes != [tuple(value.shape) for value in self._metric_values]:
+                raise CheckpointError(
+                    f"Checkpoint {self.path} holds the running values of other metrics "
+                    f"than this stage compiles; delete {self.folder} to train stage "
+                    f"{self.stage} from its start."
+                )
+            for variable, value in zip(variables, self._metric_values):
                 variable.assign(value)
         self._metric_values = None
 
@@ -456,6 +470,73 @@ class StageCheckpoint(keras.callbacks.Callback):
         session = time.time() - self._session_start
         images_per_s = self._session_steps * batch_size / session if self._session_steps else None
         return stage_record(self.epochs, self.wall_s + session, images_per_s, self.history)
+
+
+def fit_resumable(model, data, *, folder, epochs, steps_per_epoch, every_steps=0,
+                  stage="training", callbacks=(), report=None, **fit_kwargs):
+    """`model.fit` that a crash or kill does not lose: rerun it to continue exactly.
+
+    The Python API's form of what `keras-feed-train` does for each stage: a
+    `StageCheckpoint` in `folder` is restored before fitting and written at
+    every epoch's end (and every `every_steps` steps), atomically; a rerun
+    continues from the last one, at the batch where it stopped, with the
+    optimizer's state, the learning-rate schedule's step and the epoch's
+    running metrics, so that (with deterministic ops and data) it ends bitwise
+    where an uninterrupted run would. A finished stage is not trained again.
+    (`keras.callbacks.BackupAndRestore` instead replays the interrupted epoch.)
+
+        distiller.compile(optimizer=..., metrics=["accuracy"])
+        kf.checkpointing.fit_resumable(
+            distiller, lambda epoch, skip: make_dataset(epoch).skip(skip),
+            folder="ckpt/student", epochs=30, steps_per_epoch=steps)
+
+    Args:
+      model: a compiled `keras.Model` (e.g. a `FEEDDistiller`).
+      data: a function `(epoch, skip_batches) -> dataset` giving that epoch's
+        batches from batch `skip_batches` on (needed to resume mid-epoch), or
+        anything `fit` takes (numpy arrays as `(x, y)`, a dataset): then
+        checkpoints are written at epochs' ends only.
+      folder: where the checkpoint lives.
+      epochs, steps_per_epoch: the schedule; a checkpoint of another is refused.
+      every_steps: also checkpoint every this many steps (with a function `data`).
+      stage: the name used in messages.
+      callbacks: more Keras callbacks.
+      report: called with the restored `StageCheckpoint` before fitting (to
+        say whether the stage starts, resumes or is done).
+      **fit_kwargs: passed to `fit` (`verbose`, `validation_data`, ...).
+
+    Returns:
+      The `StageCheckpoint`, whose `history` holds every finished epoch's logs.
+    """
+    positioned = callable(data)
+    if every_steps and not positioned:
+        raise ValueError(
+            "every_steps needs `data` as a function (epoch, skip_batches) -> dataset, "
+            "to resume in the middle of an epoch."
+        )
+    checkpoint = StageCheckpoint(
+        folder, stage=stage, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        every_steps=every_steps,
+    )
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow only
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        checkpoint.restore(model)
+    if report is not None:
+        report(checkpoint)
+    for initial_epoch, skip_batches, end_epoch in checkpoint.segments():
+        if positioned:
+            epoch_data = {"x": data(initial_epoch, skip_batches)}
+        else:
+            epoch_data = dict(zip(("x", "y"), data)) if isinstance(data, tuple) else {"x": data}
+        model.fit(
+            **epoch_data,
+            initial_epoch=initial_epoch,
+            epochs=end_epoch,
+            steps_per_epoch=steps_per_epoch - skip_batches,
+            callbacks=[checkpoint, *callbacks],
+            **fit_kwargs,
+        )
+    return checkpoint
 
 
 def stage_record(epochs, wall_s, images_per_s, history):

@@ -133,19 +133,6 @@ def _multi_worker(strategy):
     return _task(strategy) is not None
 
 
-def step_logs(logs):
-    """A train or test step's logs, shaped for Keras' reduction across workers.
-
-    Across workers Keras (3.15) averages every logged value of a step with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars; a value
-    of shape (1,) reduces to the same mean, a scalar. Elsewhere `logs` is
-    returned as it is.
-    """
-    if not _multi_worker(tf.distribute.get_strategy()):
-        return logs
-    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
-
-
 def evaluation_dataset(strategy, dataset):
     """`dataset` for `evaluate`/validation under `strategy`.
 
@@ -170,18 +157,3 @@ def predict(strategy, model, dataset):
         return model.predict(dataset, verbose=0)
     forward = tf.function(lambda images: model(images, training=False))
     return tf.concat([forward(images) for images in dataset], axis=0).numpy()
-
-
-class PrebuiltTrainer:
-    """Mixin for `keras.Model` trainers that build every variable in `__init__`.
-
-    Keras calls `_maybe_symbolic_build` at the start of fit/evaluate to build
-    what is not built yet from a first batch, which under a strategy it first
-    reduces across replicas: MultiWorkerMirroredStrategy cannot reduce an
-    (images, labels) batch (Keras 3.15). Such a trainer needs no batch: only
-    the optimizer is left to build.
-    """
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)

@@ -30,6 +30,7 @@ from keras_feed import checkpointing
 from keras_feed import data as data_lib
 from keras_feed import distiller as distiller_lib
 from keras_feed import distribute
+from keras_feed import frozen
 from keras_feed import models
 from keras_feed import storage
 from keras_feed import translators as translators_lib
@@ -233,9 +234,7 @@ class Experiment:
         """Builds the student and checks every teacher against it, writing nothing."""
         with self.strategy.scope():
             student = self.build_student()
-            distiller_lib.feature_extractor(
-                student, self.config.student_layer, name="check"
-            )
+            frozen.extractor(student, self.config.student_layer, role="Student", name="check")
             self.checked_models = {"student": student, "teachers": []}
             if not self.method.uses_teachers:
                 return
@@ -252,11 +251,13 @@ class Experiment:
             self.checked_models["teachers"] = teachers
 
     def _check_teacher(self, teacher, student):
-        student_shape = student.get_layer(self.config.student_layer).output.shape[1:]
-        extractor = distiller_lib.feature_extractor(
-            teacher, self.config.teacher_layer, name="check"
+        student_shape = frozen.extractor(
+            student, self.config.student_layer, role="Student", name="check"
+        ).outputs[2].shape[1:]
+        extractor = frozen.extractor(
+            teacher, self.config.teacher_layer, role="Teacher", name="check"
         )
-        classes = extractor.outputs[0].shape[-1]
+        classes = extractor.outputs[1].shape[-1]
         if classes != self.num_classes:
             raise ValueError(
                 f"Teacher '{teacher.name}' predicts {classes} classes; dataset "
@@ -269,7 +270,7 @@ class Experiment:
                 f"gives {self.input_shape}."
             )
         self.method.check_shapes(
-            tuple(student_shape), tuple(extractor.outputs[1].shape[1:])
+            tuple(student_shape), tuple(extractor.outputs[2].shape[1:])
         )
 
     def _load_teacher(self, path):
@@ -395,11 +396,12 @@ class Experiment:
         # process: a resumed run skips the stages that are done.
         keras.utils.set_random_seed(self.config.seed if seed is None else seed)
         distiller = self.make_distiller(student, teachers, **overrides)
-        self.fit_model(distiller, stage=stage, seed=seed, epochs=epochs, validate=True)
+        self.fit_model(distiller, stage=stage, seed=seed, epochs=epochs, validate=True,
+                       metrics=["accuracy"])
         return distiller
 
     def fit_model(self, model, *, stage, seed=None, epochs=None, validate=False,
-                  learning_rate=None):
+                  learning_rate=None, metrics=None):
         """Compiles `model` (a trainer such as `FEEDDistiller`) and fits it on the data.
 
         Args:
@@ -410,6 +412,7 @@ class Experiment:
           validate: evaluate on the test split every `config.validation_freq`
             epochs (the model needs a `test_step`).
           learning_rate: the schedule's peak; default `config.learning_rate`.
+          metrics: compiled metrics, as `model.compile` takes them.
         """
         config = self.config
         seed = config.seed if seed is None else seed
@@ -418,15 +421,9 @@ class Experiment:
         with self.strategy.scope():
             model.compile(
                 optimizer=make_optimizer(config, steps, epochs, learning_rate),
+                metrics=metrics,
                 jit_compile=config.jit_compile,
             )
-        checkpoint = checkpointing.StageCheckpoint(
-            checkpointing.checkpoint_folder(config.model_dir, stage),
-            stage=stage, steps_per_epoch=steps, epochs=epochs,
-            every_steps=config.checkpoint_steps,
-        )
-        with self.strategy.scope():
-            checkpoint.restore(model)
         validation = {}
         if validate and config.validation_freq:
             validation = dict(
@@ -435,47 +432,55 @@ class Experiment:
                 ),
                 validation_freq=config.validation_freq,
             )
-        callbacks = [
-            checkpoint,
-            keras.callbacks.TensorBoard(
-                os.path.join(config.model_dir, "logs", stage), update_freq="epoch"
-            ),
-        ]
         verbose = config.verbose
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        if checkpoint.complete:
-            say("Stage %s: trained already (checkpoint in %s); not training it again", stage, checkpoint.folder)
-        elif checkpoint.step:
-            say("Stage %s: resuming at %s of %d, from %s", stage,
-                checkpoint.describe(checkpoint.step + 1), checkpoint.total_steps, checkpoint.folder)
-        else:
-            say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps, config.batch_size)
+
+        def report(checkpoint):
+            if checkpoint.complete:
+                say("Stage %s: trained already (checkpoint in %s); not training it again",
+                    stage, checkpoint.folder)
+            elif checkpoint.step:
+                say("Stage %s: resuming at %s of %d, from %s", stage,
+                    checkpoint.describe(checkpoint.step + 1), checkpoint.total_steps,
+                    checkpoint.folder)
+            else:
+                say("Stage %s: %d epochs x %d steps, batch %d", stage, epochs, steps,
+                    config.batch_size)
+
         # A stage resumed mid-epoch is fitted as the rest of that epoch, then
         # the later epochs, each from the pipeline rebuilt at its position.
-        for initial_epoch, skip_batches, end_epoch in checkpoint.segments():
-            model.fit(
-                distribute.train_dataset(
-                    self.strategy, self.data, config.batch_size, seed=seed,
-                    start_epoch=initial_epoch, skip_batches=skip_batches,
-                ),
-                initial_epoch=initial_epoch,
-                epochs=end_epoch,
-                steps_per_epoch=steps - skip_batches,
-                callbacks=callbacks,
-                verbose=verbose,
-                shuffle=False,  # the pipeline shuffles, seeded per epoch
-                **validation,
-            )
+        checkpoint = checkpointing.fit_resumable(
+            model,
+            lambda epoch, skip_batches: distribute.train_dataset(
+                self.strategy, self.data, config.batch_size, seed=seed,
+                start_epoch=epoch, skip_batches=skip_batches,
+            ),
+            folder=checkpointing.checkpoint_folder(config.model_dir, stage),
+            stage=stage, epochs=epochs, steps_per_epoch=steps,
+            every_steps=config.checkpoint_steps,
+            callbacks=[keras.callbacks.TensorBoard(
+                os.path.join(config.model_dir, "logs", stage), update_freq="epoch"
+            )],
+            report=report,
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles, seeded per epoch
+            **validation,
+        )
         self.history[stage] = checkpoint.summary(config.batch_size)
 
     # -- evaluation and outputs ---------------------------------------------
 
     def predict_probabilities(self, model):
-        """Softmax outputs of `model` on the test split, `(num_test, classes)`."""
+        """Class probabilities of `model` on the test split, `(num_test, classes)`.
+
+        A model with a softmax head gives them itself; logits are softmaxed.
+        """
         images = self.data.test(self.config.eval_batch_size).map(lambda x, y: x)
-        logits = distribute.predict(self.strategy, model, images)
-        return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
+        outputs = tf.cast(distribute.predict(self.strategy, model, images), tf.float32)
+        if frozen.head_kind(model) == "softmax":
+            return outputs.numpy()
+        return tf.nn.softmax(outputs).numpy()
 
     def test_labels(self):
         """The test split's labels, in the order `predict_probabilities` uses."""
@@ -484,23 +489,27 @@ class Experiment:
             self._test_labels = np.concatenate([labels.numpy() for labels in batches])
         return self._test_labels
 
-    def accuracy_of(self, model_or_probabilities):
-        """Top-1 test accuracy of a model, or of its predicted probabilities."""
+    def accuracy_of(self, model_or_probabilities, k=1):
+        """Top-k test accuracy of a model, or of its predicted probabilities."""
         probabilities = model_or_probabilities
         if isinstance(probabilities, keras.Model):
             probabilities = self.predict_probabilities(probabilities)
-        return float(np.mean(np.argmax(probabilities, axis=1) == self.test_labels()))
+        return top_k_accuracy(probabilities, self.test_labels(), k)
+
+    def scores(self, probabilities):
+        """`{"test_accuracy": top-1, "test_top5_accuracy": top-5}` of probabilities."""
+        return {
+            "test_accuracy": self.accuracy_of(probabilities),
+            "test_top5_accuracy": self.accuracy_of(probabilities, k=5),
+        }
 
     def evaluate(self, student, teachers):
-        """Test accuracy of the student, each teacher and the teachers' ensemble."""
+        """Top-1 and top-5 test accuracy of the student, each teacher and their ensemble."""
         labels = self.test_labels()
-        accuracy = self.accuracy_of
-
-        student_probabilities = self.predict_probabilities(student)
         results = {
             "student": {
                 "model": self.config.model,
-                "test_accuracy": accuracy(student_probabilities),
+                **self.scores(self.predict_probabilities(student)),
                 "parameters": int(student.count_params()),
             },
             "num_test": int(labels.shape[0]),
@@ -508,12 +517,12 @@ class Experiment:
         if teachers:
             probabilities = [self.predict_probabilities(t) for t in teachers]
             results["teachers"] = [
-                {"model": teacher.name, "test_accuracy": accuracy(p)}
+                {"model": teacher.name, **self.scores(p)}
                 for teacher, p in zip(teachers, probabilities)
             ]
             results["ensemble"] = {
                 "size": len(teachers),
-                "test_accuracy": accuracy(np.mean(probabilities, axis=0)),
+                **self.scores(np.mean(probabilities, axis=0)),
             }
         return results
 
@@ -544,6 +553,18 @@ class Experiment:
         storage.write_json(os.path.join(model_dir, "metrics.json"), metrics)  # last: the run is complete
         checkpointing.remove_checkpoints(model_dir)
         return metrics
+
+
+def top_k_accuracy(probabilities, labels, k=1):
+    """The fraction of examples whose label is among the `k` most probable classes.
+
+    Equal probabilities rank by class index, lower first, as `np.argmax` does:
+    `k=1` is the usual top-1 accuracy.
+    """
+    probabilities = np.asarray(probabilities)
+    k = min(k, probabilities.shape[1])
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
 
 
 class TranslatorBank(keras.Model):

@@ -1,61 +1,55 @@
 """Factor Transfer's first stage: training a paraphraser on a frozen teacher's map."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_feed import distiller as distiller_lib
-from keras_feed import distribute
+from keras_feed import frozen
+from keras_feed import training_backend
 from keras_feed import translators
 
 
-class ParaphraserTrainer(distribute.PrebuiltTrainer, keras.Model):
+class ParaphraserTrainer(training_backend.Trainer):
     """Trains a `Paraphraser` to reconstruct one frozen teacher's feature map.
 
     The loss is the paper's reconstruction error, the mean squared difference
-    between the teacher's map and its reconstruction. The teacher runs in
-    inference mode outside the gradient tape and is not tracked.
+    between the teacher's map and its reconstruction (plus the coupled weight
+    decay). The teacher runs in inference mode outside the gradient and is not
+    tracked. Compile it with an optimizer alone.
 
     Args:
       teacher: functional teacher model.
       paraphraser: an unbuilt or built `translators.Paraphraser`.
-      teacher_layer: the teacher's feature-map layer.
+      teacher_layer: the teacher's feature-map layer (name or path).
       weight_decay: coupled L2 decay on the paraphraser's variables.
     """
 
     def __init__(self, teacher, paraphraser, *, teacher_layer="features", weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
         teacher.trainable = False
-        extractor = distiller_lib.feature_extractor(
-            teacher, teacher_layer, name="paraphrased_teacher"
-        )
-        self._frozen = distiller_lib._Untracked(extractor)
+        extractor = frozen.extractor(teacher, teacher_layer, role="Teacher")
+        maps = keras.Model(extractor.inputs[0], extractor.outputs[2], name="paraphrased_teacher")
+        self._frozen = frozen.Untracked(frozen.inference_model(maps))
         self.paraphraser = paraphraser
-        paraphraser.build((None,) + tuple(extractor.outputs[1].shape[1:]))
+        paraphraser.build((None,) + tuple(maps.outputs[0].shape[1:]))
         self.weight_decay = float(weight_decay)
         self.loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.built = True
 
-    @property
-    def metrics(self):
-        return [self.loss_tracker]
+    def call(self, images, training=False):
+        """`{"features": the teacher's map, "reconstruction": the paraphraser's}`."""
+        features = ops.stop_gradient(ops.cast(self._frozen.value(images, training=False), "float32"))
+        return {"features": features, "reconstruction": self.paraphraser(features, training=training)}
 
-    def train_step(self, data):
-        _, features = self._frozen.value(data[0], training=False)
-        features = tf.stop_gradient(tf.cast(features, tf.float32))
-        variables = self.paraphraser.trainable_variables
-        with tf.GradientTape() as tape:
-            reconstruction = tf.cast(self.paraphraser(features, training=True), tf.float32)
-            loss = tf.reduce_mean(tf.square(features - reconstruction))
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, tf.float32))
-        gradients = tape.gradient(scaled, variables)
-        if self.weight_decay:
-            gradients = distiller_lib.add_weight_decay(
-                self.optimizer, gradients, variables, self.weight_decay
-            )
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        self.loss_tracker.update_state(loss, sample_weight=tf.shape(features)[0])
-        return distribute.step_logs({"reconstruction_loss": self.loss_tracker.result()})
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        reconstruction = ops.cast(y_pred["reconstruction"], "float32")
+        loss = ops.mean(ops.square(y_pred["features"] - reconstruction))
+        self.loss_tracker.update_state(loss, sample_weight=ops.shape(reconstruction)[0])
+        total = loss + self.weight_decay_loss() if self.weight_decay else loss
+        return training_backend.replica_share(total)
+
+    def fit(self, *args, **kwargs):
+        frozen.refold(self._frozen.value)
+        return super().fit(*args, **kwargs)
 
 
 def new_paraphraser(teacher, *, teacher_layer, rate, batchnorm=False, name=None):

@@ -56,7 +56,15 @@ class Method:
         return []
 
     def check(self, config):
-        """Raises `ValueError` on settings this method cannot use."""
+        """Raises `ValueError` on settings this method cannot use.
+
+        Subclasses extend it (calling `super().check(config)`).
+        """
+        if self.uses_teachers and config.beta == 0 and config.kd_weight == 0:
+            raise ValueError(
+                f"--method={self.name} with --beta=0 and --kd_weight=0: no term uses the "
+                "teachers; train the student alone with --method=ce."
+            )
 
     def check_shapes(self, student_shape, teacher_shape):
         """Raises `ValueError` when an NTL cannot map student onto teacher map."""
@@ -108,6 +116,7 @@ class KnowledgeDistillation(Method):
     name = "kd"
 
     def check(self, config):
+        super().check(config)
         if not 0.0 < config.kd_weight <= 1.0:
             raise ValueError(
                 f"--method=kd needs --kd_weight in (0, 1] (the weight of the KD term), got {config.kd_weight}."
@@ -143,6 +152,7 @@ class FactorTransfer(Method):
         return translators_lib.factor_channels(teacher_channels, config.ft_rate)
 
     def check(self, config):
+        super().check(config)
         if not 0.0 < config.ft_rate <= 1.0:
             raise ValueError(f"--ft_rate must lie in (0, 1], got {config.ft_rate}.")
         if config.paraphraser_epochs < 1:
@@ -196,6 +206,7 @@ class SequentialFEED(Method):
         return [f"generations: 0 (CE) then 1..{config.generations}, each from the one before"]
 
     def check(self, config):
+        super().check(config)
         if config.generations < 1:
             raise ValueError(f"--generations must be >= 1, got {config.generations}.")
         if len(config.teachers) > 1:

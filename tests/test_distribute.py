@@ -83,7 +83,7 @@ def test_mirrored_steps_match_one_device(tmp_path):
     assert len(one["steps"]) == len(mirrored["steps"]) == 4
     for expected, got in zip(one["steps"], mirrored["steps"]):
         assert set(expected) == set(got) == {
-            "loss", "ce_loss", "feed_loss_0", "feed_loss_1", "kd_loss", "accuracy"
+            "loss", "student_loss", "feed_loss_0", "feed_loss_1", "kd_loss", "accuracy"
         }
         for name in expected:
             assert got[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-4), name

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_net
 from keras_feed import FEEDDistiller, experiment
-from keras_feed.distiller import feature_extractor
+from keras_feed.frozen import extractor
 
 
 def feed_step(policy, task, *, jit_compile=False):
@@ -44,11 +44,11 @@ def test_mixed_precision_step_matches_float32(learnable_task, policy, tolerance)
         assert logs[name] == pytest.approx(value, rel=tolerance, abs=1e-3), name
     # 16-bit activations in, float32 loss terms out.
     images, labels = learnable_task
-    logits, features = feature_extractor(distiller.student, "features", name="check")(images[:8])
+    _, logits, features = extractor(distiller.student, "features", name="check")(images[:8])
     assert features.dtype == policy.split("_")[1]
     teacher_logits, targets = distiller.teacher_outputs(images[:8])
-    terms = distiller.compute_loss_terms(labels[:8], logits, features, teacher_logits, targets, False)
-    assert set(terms) == {"loss", "ce_loss", "feed_loss_0", "feed_loss_1", "kd_loss"}
+    terms = distiller.distillation_terms(logits, features, teacher_logits, targets, False)
+    assert set(terms) == {"feed_loss_0", "feed_loss_1", "kd_loss"}
     assert all(term.dtype == "float32" for term in terms.values())
 
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from conftest import tiny_net
 from keras_feed import FEEDDistiller, models
-from keras_feed.distiller import feature_extractor, inference_model
+from keras_feed.frozen import extractor as feature_extractor, folded_layers, inference_model, refold
 
 
 def randomise_batchnorm(model, seed):
@@ -20,21 +20,26 @@ def randomise_batchnorm(model, seed):
             layer.beta.assign(rng.normal(0.0, 0.2, size))
 
 
-def test_folded_twin_matches_the_model_and_owns_no_weights():
+def test_folded_twin_matches_the_model_and_refolds_on_demand():
     teacher = models.build("resnet8", input_shape=(16, 16, 3), num_classes=5, seed=3)
     randomise_batchnorm(teacher, 0)
     extractor = feature_extractor(teacher, "features", name="extractor")
     twin = inference_model(extractor)
     assert twin is not extractor
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in twin.layers)
-    assert {id(w) for w in twin.weights} <= {id(w) for w in teacher.weights}
+    folded = {id(w) for layer in folded_layers(twin) for w in layer.weights}
+    pairs = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in teacher.layers)
+    assert pairs == 9 and len(folded) == 2 * pairs  # a kernel and a bias for each Conv+BN pair
+    assert {id(w) for w in twin.weights} - folded <= {id(w) for w in teacher.weights}
     images = np.random.default_rng(1).normal(size=(6, 16, 16, 3)).astype("float32")
-    for expected, folded in zip(extractor(images, training=False), twin(images, training=False)):
-        np.testing.assert_allclose(folded, expected, rtol=1e-4, atol=1e-4)
-    # Weights loaded after the twin is built are used: the folding happens at each call.
+    for expected, got in zip(extractor(images, training=False), twin(images, training=False)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Weights loaded after the twin is built are used once it is refolded.
     randomise_batchnorm(teacher, 1)
-    expected = extractor(images, training=False)[1]
-    np.testing.assert_allclose(twin(images, training=False)[1], expected, rtol=1e-4, atol=1e-4)
+    expected = extractor(images, training=False)[2]
+    assert np.max(np.abs(twin(images, training=False)[2] - expected)) > 1e-2  # stale until refolded
+    refold(twin)
+    np.testing.assert_allclose(twin(images, training=False)[2], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_convolution_whose_output_is_needed_is_not_folded():
@@ -56,7 +61,7 @@ def test_distiller_targets_are_the_teachers_features():
         assert len(logits) == logits_expected
         for index, (teacher, target) in enumerate(zip(teachers, targets)):
             reference = feature_extractor(teacher, "features", name="reference")
-            reference_logits, features = reference(images, training=False)
+            _, reference_logits, features = reference(images, training=False)
             np.testing.assert_allclose(target, features, rtol=1e-4, atol=1e-4)
             if logits:
                 np.testing.assert_allclose(logits[index], reference_logits, rtol=1e-4, atol=1e-4)
