@@ -299,23 +299,32 @@ class Experiment:
         Trained teachers are saved to `teacher_folder/teacher_<i>.keras`, and a
         teacher file already there is reused rather than trained again. The
         files used are recorded in `teacher_paths` (and in `metrics.json`).
+        While it trains or reads the teachers of `teacher_folder` it holds the
+        folder's lock: another run sharing the folder waits, then reuses them.
         """
         paths = list(self.config.teachers)
-        if not paths:
-            for index in range(self.config.num_teachers):
-                path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
-                self.train_with_ce(
-                    path,
-                    self.config.teacher_architecture,
-                    seed=self.config.teacher_seed + index,
-                    stage=f"teacher_{index}",
-                    epochs=self.config.teacher_epochs or self.config.epochs,
-                    what=f"teacher {index + 1}/{self.config.num_teachers}",
-                )
-                paths.append(path)
-        self.teacher_paths = paths
-        with self.strategy.scope():
-            return [self._load_teacher(path) for path in paths]
+        folder = self.config.teacher_folder
+        lock = contextlib.nullcontext() if paths else storage.folder_lock(
+            folder, on_wait=lambda: say(
+                "Waiting for the lock on %s: another run trains or reads teachers there", folder
+            )
+        )
+        with lock:
+            if not paths:
+                for index in range(self.config.num_teachers):
+                    path = os.path.join(folder, f"teacher_{index}.keras")
+                    self.train_with_ce(
+                        path,
+                        self.config.teacher_architecture,
+                        seed=self.config.teacher_seed + index,
+                        stage=f"teacher_{index}",
+                        epochs=self.config.teacher_epochs or self.config.epochs,
+                        what=f"teacher {index + 1}/{self.config.num_teachers}",
+                    )
+                    paths.append(path)
+            self.teacher_paths = paths
+            with self.strategy.scope():
+                return [self._load_teacher(path) for path in paths]
 
     def load_frozen(self, path):
         """A trained model from `path`, frozen, inside the strategy's scope."""

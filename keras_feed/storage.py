@@ -8,6 +8,7 @@ writer left behind is removed by `remove_partial_files`.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import numpy as np
 
 #: In the name of every temporary file or folder a writer here creates.
 PARTIAL_MARK = ".partial-"
+#: The file in a folder whose `flock` is the folder's lock (see `folder_lock`).
+LOCK_NAME = ".lock"
 
 
 class ModelFileError(ValueError):
@@ -151,6 +154,30 @@ def remove_partial_files(folder):
                 os.unlink(os.path.join(root, name))
                 removed.append(os.path.join(root, name))
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder, *, on_wait=None):
+    """Holds the exclusive lock of `folder` (created if missing) in the `with` block.
+
+    One process at a time holds it; another one calls `on_wait()` (e.g. to say
+    that it waits) and blocks until the holder leaves its block or dies: the
+    lock is an `fcntl.flock` on `<folder>/.lock`, which the system releases
+    with the process. Ctrl-C or SIGTERM still stop a process that waits.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, LOCK_NAME), "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        handle.close()  # closing the file releases the lock
 
 
 def write_json(path, data):
