@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -154,32 +155,82 @@ def wait_for(path, process, since, timeout=TIMEOUT):
     raise AssertionError(f"{path} was not written within {timeout} s")
 
 
+def saved_step(path):
+    """The step recorded in the stage checkpoint `path`, or None if there is none to read."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return int(json.loads(bytes(archive["meta"]).decode("utf-8"))["step"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def wait_for_step(path, process, since, step, timeout=TIMEOUT):
+    """Polls until the stage checkpoint `path`, written after `since`, records at least
+    `step` steps (True), or `process` has exited (False)."""
+    deadline = time.time() + timeout
+    seen = None
+    while time.time() < deadline:
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            status = None
+        if status is not None and status.st_mtime >= since:
+            version = (status.st_ino, status.st_mtime_ns, status.st_size)
+            if version != seen:
+                seen = version
+                if (saved_step(path) or 0) >= step:
+                    return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach step {step} within {timeout} s")
+
+
+STAGE_STEPS = 32  # 2 epochs x 16 steps, for the teacher and the student alike
+# The steps a stage checkpoint is written at (every 3 steps, and each epoch's end) early
+# enough that a kill just after one of them lands well before the stage ends.
+KILL_STEPS = [3, 6, 9, 12, 15, 16, 18, 21]
+
+
 def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
-    """SIGKILL at random moments (during a teacher, the student, the outputs), rerun: the
-    stages done are not redone, and the student ends bitwise equal to an uninterrupted run."""
+    """SIGKILL mid-stage (in the teacher, in the student, at a random checkpoint) and while
+    the outputs are written, rerun: each interrupted stage resumes at the step after its
+    last checkpoint, the stages done are not redone, and the student ends bitwise equal to
+    an uninterrupted run."""
     model_dir = str(tmp_path / "run")
     args = RUN + [f"--model_dir={model_dir}"]
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 100000))
     rng = random.Random(seed)
     checkpoints = os.path.join(model_dir, "checkpoints")
-    # Kill when this file appears, after a random delay (0: at once).
-    plan = [
-        (os.path.join(checkpoints, "teacher_0", checkpointing.STATE_FILE), rng.uniform(0.0, 0.6)),
-        (os.path.join(checkpoints, "student", checkpointing.STATE_FILE), rng.uniform(0.0, 0.6)),
-        (os.path.join(model_dir, "student.keras"), 0.0),
-    ]
-    logs = []
-    for attempt, (trigger, delay) in enumerate(plan):
+    # (stage interrupted, what triggers the kill): a stage is killed as soon as its
+    # checkpoint records a random step or more (the polling puts the kill at a random
+    # moment after that checkpoint); the outputs, as soon as student.keras appears.
+    plan = [("teacher_0", rng.choice(KILL_STEPS)), ("student", rng.choice(KILL_STEPS)),
+            ("outputs", None)]
+    logs, resumes = [], []
+    for attempt, (stage, step) in enumerate(plan):
         log_path = str(tmp_path / f"attempt_{attempt}.txt")
         started = time.time()
         process = start(args, log_path)
-        if wait_for(trigger, process, since=started):
-            time.sleep(delay)
+        if stage == "outputs":
+            triggered = wait_for(os.path.join(model_dir, "student.keras"), process, since=started)
+        else:
+            state = os.path.join(checkpoints, stage, checkpointing.STATE_FILE)
+            triggered = wait_for_step(state, process, since=started, step=step)
+        if triggered:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=TIMEOUT)
         with open(log_path) as handle:
             logs.append(handle.read())
-        assert process.returncode in (0, -signal.SIGKILL), logs[-1]
+        context = f"attempt {attempt} (kill seed {seed}, rerun with KILL_SEED={seed}):\n{logs[-1]}"
+        assert triggered, f"the run ended before the kill in {stage}; {context}"
+        assert process.returncode == -signal.SIGKILL, context
+        if stage != "outputs":
+            # The process is dead: the checkpoint on disk is the one the rerun restores.
+            done = saved_step(state)
+            assert done is not None and step <= done < STAGE_STEPS, (
+                f"stage {stage} was not killed mid-stage (checkpoint at step {done}); {context}")
+            resumes.append((attempt + 1, stage, done + 1))
         assert_outputs_complete(model_dir)
     returncode, output = run(args, str(tmp_path / "final.txt"))
     logs.append(output)
@@ -201,13 +252,19 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
         assert metrics["stages"][stage]["history"] == expected["stages"][stage]["history"], context
     assert not os.path.exists(checkpoints), "checkpoints are removed once the run is complete"
 
+    # The attempt after each mid-stage kill resumed that stage at the step after its last
+    # checkpoint: "Stage <stage>: resuming at step N (epoch e, batch b) of 32", N > 0.
+    for attempt, stage, step in resumes:
+        found = re.findall(rf"Stage {stage}: resuming at step (\d+) \(.*\) of (\d+)", logs[attempt])
+        assert found == [(str(step), str(STAGE_STEPS))] and step > 0, context
     # Once the student had a checkpoint, no attempt trained the teacher or began the
-    # student afresh: the student resumed (or its finished stage was reused).
+    # student afresh; after the outputs' kill, the finished student was not retrained.
     after_student_kill = "\n".join(logs[2:])
     assert "Reusing teacher" in after_student_kill, context
     assert "Stage teacher_0" not in after_student_kill, context
     assert "Stage student: 2 epochs" not in after_student_kill, context
-    assert "Stage student: resuming" in history or "Stage student: trained already" in history, context
+    assert "Stage student: trained already" in logs[3], context
+    assert "Stage student: resuming" not in logs[3], context
     # Every attempt wrote metrics.json at most once; the last attempts did not retrain.
     assert sum("Outputs in" in log for log in logs) == 1, context
 
