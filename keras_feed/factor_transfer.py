@@ -1,5 +1,7 @@
 """Factor Transfer's first stage: training a paraphraser on a frozen teacher's map."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -47,9 +49,67 @@ class ParaphraserTrainer(training_backend.Trainer):
         total = loss + self.weight_decay_loss() if self.weight_decay else loss
         return training_backend.replica_share(total)
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, stopped by a `DivergenceGuard` if the reconstruction diverges."""
         frozen.refold(self._frozen.value)
-        return super().fit(*args, **kwargs)
+        guard = DivergenceGuard(self.paraphraser.name)
+        return super().fit(*args, callbacks=[guard, *(callbacks or [])], **kwargs)
+
+
+class ParaphraserDivergedError(ValueError):
+    """A paraphraser's reconstruction loss diverged; the message is one line."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops a paraphraser's training as soon as its reconstruction loss diverges.
+
+    The reconstruction of a raw teacher map can explode and yet stay finite
+    (1.9e24 with briefly trained teachers); the student, trained next on the
+    exploded factors, then fails at its first step and blames the wrong flag.
+    This callback raises `ParaphraserDivergedError` at the first batch whose
+    logged `reconstruction_loss` (the epoch's running mean) is non-finite or
+    more than `factor` times the first one logged in this `fit` (when that is
+    positive), naming `--paraphraser_learning_rate`. `ParaphraserTrainer.fit`
+    puts it first among the callbacks, so that nothing after it, a checkpoint
+    included, sees the diverged step.
+
+    Args:
+      name: the paraphraser's name, for the message.
+      factor: how many times its first value the loss may reach.
+    """
+
+    def __init__(self, name, factor=100.0):
+        super().__init__()
+        self.name = name
+        self.factor = float(factor)
+        self.first = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.first = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not logs or "reconstruction_loss" not in logs:
+            return
+        value = float(logs["reconstruction_loss"])
+        if self.first is None and math.isfinite(value):
+            self.first = value
+            return
+        if math.isfinite(value) and not (self.first > 0 and value > self.factor * self.first):
+            return
+        if math.isfinite(value):
+            problem = f"{value:.3g}, over {self.factor:g} times its first value {self.first:.3g}"
+        else:
+            problem = f"{value}"
+        rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        raise ParaphraserDivergedError(
+            f"Paraphraser {self.name} diverged at epoch {self._epoch + 1}, batch {batch + 1}: "
+            f"its reconstruction loss is {problem}. Lower --paraphraser_learning_rate "
+            f"(the learning rate was {rate:g}) and train in a new --model_dir."
+        )
 
 
 def new_paraphraser(teacher, *, teacher_layer, rate, batchnorm=False, name=None):
