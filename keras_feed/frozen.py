@@ -148,8 +148,9 @@ def _tapped(model, path, role, *, logits, full_path=None, owner=None):
     wants_logits = logits and kind not in ("linear", "log_softmax")
     if target is head:
         raise ValueError(
-            f"Layer '{first}' of {role.lower()} '{graph.name}' is its output layer; "
-            "name the feature map before global pooling."
+            f"Layer '{first}' of {role.lower()} '{graph.name}' is its output layer, of shape "
+            f"{tuple(graph.outputs[0].shape)}; a feature map (batch, H, W, C) before global "
+            "pooling is needed."
         )
     inner = (
         _tapped(target, rest, role, logits=False, full_path=full_path, owner=owner)[0]

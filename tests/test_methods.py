@@ -46,8 +46,10 @@ def test_registry_has_every_method():
 def test_kd(tmp_path, teacher_dir):
     metrics = train("kd", tmp_path, teacher_dir, kd_weight=0.9, temperature=4.0)
     logged = metrics["stages"]["student"]["last_epoch"]
-    assert {"kd_loss", "ce_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
-    assert logged["loss"] == pytest.approx(0.1 * logged["ce_loss"] + 0.9 * logged["kd_loss"], rel=1e-3)
+    assert {"kd_loss", "student_loss", "loss"} <= set(logged) and not any("feed" in k for k in logged)
+    assert logged["loss"] == pytest.approx(
+        0.1 * logged["student_loss"] + 0.9 * logged["kd_loss"] + logged["weight_decay_loss"], rel=1e-3
+    )
     assert metrics["ensemble"]["size"] == 2
     assert not os.path.exists(tmp_path / "translators.weights.h5")
 
@@ -73,8 +75,8 @@ def test_pfeed_with_kd(pfeed_kd_run):
     logged = metrics["stages"]["student"]["last_epoch"]
     assert {"feed_loss_0", "feed_loss_1", "kd_loss"} <= set(logged)
     assert logged["loss"] == pytest.approx(
-        0.5 * logged["ce_loss"] + 0.5 * logged["kd_loss"]
-        + 100.0 * (logged["feed_loss_0"] + logged["feed_loss_1"]), rel=1e-3
+        0.5 * logged["student_loss"] + 0.5 * logged["kd_loss"]
+        + 100.0 * (logged["feed_loss_0"] + logged["feed_loss_1"]) + logged["weight_decay_loss"], rel=1e-3
     )
 
 
@@ -90,9 +92,9 @@ def numpy_reconstruction(run_dir):
     targets = [[] for _ in parts.teachers]
     outputs = [[] for _ in parts.teachers]
     for images, _ in data.load("synthetic").test(256):
-        _, student_map = parts.student(images, training=False)
+        *_, student_map = parts.student(images, training=False)
         for index, (teacher, translator) in enumerate(zip(parts.teachers, parts.translators)):
-            _, teacher_map = teacher(images, training=False)
+            *_, teacher_map = teacher(images, training=False)
             targets[index].append(teacher_map.numpy().reshape(len(images), -1))
             outputs[index].append(translator(student_map, training=False).numpy().reshape(len(images), -1))
     result = []
@@ -152,8 +154,8 @@ def test_analysis_measures_against_numpy(pfeed_kd_run):
     images = data.load("synthetic").test(16).take(1)
     count, per_teacher = analysis.measure(parts, images)
     batch = next(iter(images))[0]
-    _, student_map = parts.student(batch)
-    _, teacher_map = parts.teachers[1](batch)
+    *_, student_map = parts.student(batch)
+    *_, teacher_map = parts.teachers[1](batch)
     target = teacher_map.numpy().reshape(count, -1)
     output = parts.translators[1](student_map).numpy().reshape(count, -1)
     target /= np.linalg.norm(target, axis=1, keepdims=True)
