@@ -57,3 +57,32 @@ def test_xla_step_matches(learnable_task):
     update, _, distiller = feed_step("float32", learnable_task, jit_compile=True)
     assert distiller.jit_compile
     assert relative_error(update, reference) < 1e-4
+
+
+def decayed_update(policy, task, weight_decay):
+    """Trainable weights before and after one plain SGD step (no momentum)."""
+    images, labels = task
+    teachers = [tiny_net("t0", width=6, classes=4, seed=10)]
+    with experiment.dtype_policy(policy):
+        student = tiny_net("student", classes=4, seed=0)
+        keras.utils.set_random_seed(1)
+        distiller = FEEDDistiller(student, teachers, beta=50.0, kd_weight=0.3, weight_decay=weight_decay)
+        distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [w.numpy().copy() for w in distiller.trainable_weights]
+    distiller.train_on_batch(images[:32], labels[:32])
+    return before, [w.numpy() for w in distiller.trainable_weights], distiller
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_weight_decay_adds_exactly_lr_times_decay_times_w(learnable_task, policy):
+    """With decay, one SGD step moves each weight by exactly -lr * wd * w more.
+
+    Under mixed_float16 the step runs through a LossScaleOptimizer: decay that
+    escaped the loss scaling, or was applied twice or not at all, fails here.
+    """
+    before, plain, _ = decayed_update(policy, learnable_task, 0.0)
+    _, decayed, distiller = decayed_update(policy, learnable_task, 0.01)
+    scaled = isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (policy == "mixed_float16")
+    for w0, without, with_decay in zip(before, plain, decayed):
+        np.testing.assert_allclose(with_decay - without, -0.1 * 0.01 * w0, rtol=2e-3, atol=1e-8)
