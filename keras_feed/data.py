@@ -851,6 +851,7 @@ class Data:
         ds = tf.data.Dataset.counter(start_epoch).flat_map(_no_autograph(one_epoch))
         if skip_batches:
             ds = ds.skip(skip_batches * batch_size)
+        global_batch = batch_size
         if shard is not None:
             ds = ds.shard(count, index)
             batch_size //= count
@@ -882,9 +883,15 @@ class Data:
 
         def finish(aug_key, pos, images, labels):
             if do_augment and not imagenet:
-                # One stateless draw per batch, keyed by (seed, epoch, position
-                # of the batch's first element in the epoch).
-                images = self._cifar_augment(images, _derive(aug_key[0], pos[0]))
+                # One stateless draw per global batch, keyed by (seed, epoch,
+                # position of the global batch's first element in the epoch);
+                # each example takes the row of its position in the global
+                # batch, so a shard is augmented as in the unsharded batch.
+                start = pos[0] - tf.math.floormod(pos[0], global_batch)
+                images = self._cifar_augment(
+                    images, _derive(aug_key[0], start), positions=pos - start,
+                    num_draws=global_batch,
+                )
             return self._normalise(images), labels
 
         ds = ds.map(_no_autograph(finish), num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -965,19 +972,22 @@ class Data:
         images.set_shape(images.shape[:-3].concatenate([h, w, self._channels]))
         return images
 
-    def _cifar_augment(self, images, key):
+    def _cifar_augment(self, images, key, *, positions=None, num_draws=None):
         """Zero-pad P, random crop back to H x W, random flip; batched.
 
         ``images`` is float32 (B, H, W, C) in [0, 255]; ``key`` a [2] int64
-        stateless seed.  Row ``i`` of one ``stateless_uniform`` draw gives
-        example ``i`` its crop offsets and flip bit.
+        stateless seed.  Row ``i`` of one ``stateless_uniform`` draw of
+        ``num_draws`` rows (default B) gives example ``i`` (or ``positions[i]``)
+        its crop offsets and flip bit.
         """
         h, w = self._size
         p = self._pad
-        n = tf.shape(images)[0]
+        n = tf.shape(images)[0] if num_draws is None else num_draws
         draws = tf.random.stateless_uniform(
             tf.stack([n, 3]), seed=key, minval=None, maxval=None, dtype=tf.int32,
             alg="philox")
+        if positions is not None:
+            draws = tf.gather(draws, positions)
         offsets = tf.math.floormod(draws[:, :2], 2 * p + 1)
         padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
         rows = offsets[:, :1] + tf.range(h)[None, :]

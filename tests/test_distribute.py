@@ -41,10 +41,12 @@ def run_programs(arguments, envs, timeout=400):
         assert process.returncode == 0, output[-4000:]
 
 
-def test_shards_split_each_global_batch_exactly():
+@pytest.mark.parametrize("augment", [False, True])
+def test_shards_split_each_global_batch_exactly(augment):
+    """The shards of a step hold the step's batch, augmented as it is unsharded."""
     dataset = data.load("synthetic", train_examples=48, seed=1)
-    whole = list(dataset.train(12, augment=False).take(8))  # two epochs of 4 steps
-    shards = [list(dataset.train(12, augment=False, shard=(3, i)).take(8)) for i in range(3)]
+    whole = list(dataset.train(12, augment=augment).take(8))  # two epochs of 4 steps
+    shards = [list(dataset.train(12, augment=augment, shard=(3, i)).take(8)) for i in range(3)]
     for step, (images, labels) in enumerate(whole):
         parts = [shard[step] for shard in shards]
         assert all(part[0].shape[0] == 4 for part in parts)
@@ -83,7 +85,7 @@ def test_mirrored_steps_match_one_device(tmp_path):
     assert len(one["steps"]) == len(mirrored["steps"]) == 4
     for expected, got in zip(one["steps"], mirrored["steps"]):
         assert set(expected) == set(got) == {
-            "loss", "student_loss", "feed_loss_0", "feed_loss_1", "kd_loss", "accuracy"
+            "loss", "accuracy", "student_loss", "feed_loss_0", "feed_loss_1", "kd_loss", "weight_decay_loss"
         }
         for name in expected:
             assert got[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-4), name
@@ -91,9 +93,24 @@ def test_mirrored_steps_match_one_device(tmp_path):
         np.testing.assert_allclose(mirrored["epochs"][name], one["epochs"][name], rtol=1e-4, atol=1e-4)
     for expected, got in zip(one["weights"], mirrored["weights"]):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    # Unsynchronised BatchNorm: its moving statistics still agree on the replicas.
-    assert mirrored["replica_spread"] == 0.0
+    # Unsynchronised BatchNorm: after a step, each replica holds the mean over the
+    # replicas of the statistics of its own slice (NumPy's moments of each shard).
     assert results["mirrored_local_batchnorm"]["replica_spread"] <= 1e-6
+    one_step = results["batchnorm_one_step"]
+    shard_means = np.array(one_step["shard_means"])
+    assert np.max(np.abs(shard_means[0] - shard_means[1])) > 1e-2  # the shards differ: the check bites
+    for replica in range(2):
+        np.testing.assert_allclose(one_step["moving_mean"][replica], one_step["expected_mean"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            one_step["moving_variance"][replica], one_step["expected_variance"], rtol=1e-4, atol=1e-6
+        )
+    # Coupled weight decay over two replicas: one plain SGD step with decay 0.01
+    # differs from one without by exactly -lr * wd * w.
+    plain, decayed = results["decay"]["0.0"], results["decay"]["0.01"]
+    for before, without, with_decay in zip(plain["before"], plain["after"], decayed["after"]):
+        np.testing.assert_allclose(
+            np.subtract(with_decay, without), -0.1 * 0.01 * np.array(before), rtol=2e-3, atol=1e-8
+        )
 
 
 def free_ports(count):
@@ -107,23 +124,34 @@ def free_ports(count):
 
 
 def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
+    """Two workers match each other and a one-device run at the same global batch."""
     model_dir = str(tmp_path / "run")
     teacher = str(tmp_path / "teacher.keras")
     models.build("resnet8", input_shape=(16, 16, 3), num_classes=10, seed=5).save(teacher)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     outs = [str(tmp_path / f"worker{i}.json") for i in range(2)]
+    single = str(tmp_path / "single.json")
     run_programs(
-        [["multi_worker", out, model_dir, teacher] for out in outs],
+        [["multi_worker", out, model_dir, teacher] for out in outs]
+        + [["single_process", single, str(tmp_path / "single_run"), teacher]],
         [{"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-         for i in range(2)],
+         for i in range(2)] + [{}],
     )
-    chief, worker = (json.load(open(out)) for out in outs)
+    chief, worker, reference = (json.load(open(out)) for out in outs + [single])
     assert (chief["chief"], worker["chief"]) == (True, False)
-    assert chief["replicas"] == worker["replicas"] == 2
+    assert chief["replicas"] == worker["replicas"] == 2 and reference["replicas"] == 1
     assert chief["wrote_into"] == model_dir
     assert worker["wrote_into"] == model_dir + ".worker1"
     assert os.path.isfile(os.path.join(model_dir, "student.keras"))
     assert os.path.isfile(os.path.join(model_dir, "metrics.json"))
     assert chief["student_accuracy"] == worker["student_accuracy"]
-    for ours, theirs in zip(chief["weights"], worker["weights"]):  # BatchNorm statistics too
+    for ours, theirs in zip(chief["weights"], worker["weights"]):
         np.testing.assert_array_equal(ours, theirs)
+    # The workers' examples are disjoint and together are the one-device epoch.
+    ours, theirs = set(chief["epoch_images"]), set(worker["epoch_images"])
+    assert len(ours) == len(chief["epoch_images"]) == 32 and not ours & theirs
+    assert sorted(chief["epoch_images"] + worker["epoch_images"]) == sorted(reference["epoch_images"])
+    # The same weights as one device on the global batch (a BatchNorm-free student).
+    assert len(chief["weights"]) == len(reference["weights"]) == 4
+    for ours, expected in zip(chief["weights"], reference["weights"]):
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
