@@ -125,11 +125,13 @@ class Trainer(keras.Model):
             ops.stack([ops.sum(ops.square(ops.cast(v, "float32"))) for v in self.trainable_variables])
         )
 
-    def train_step(self, data):
-        return after_train_step(self, super().train_step(data))
+    # `*state_and_data`: Keras' JAX trainer passes its state before the data.
 
-    def test_step(self, data):
-        return step_logs(super().test_step(data))
+    def train_step(self, *state_and_data):
+        return after_train_step(self, super().train_step(*state_and_data))
+
+    def test_step(self, *state_and_data):
+        return step_logs(super().test_step(*state_and_data))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # The one override of a private Keras method; tests/test_keras_contract.py
