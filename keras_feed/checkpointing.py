@@ -257,12 +257,22 @@ def interruption_message():
     if checkpoint.complete:
         return (f"interrupted after stage {checkpoint.stage}; "
                 "run the same command again to resume")
-    if checkpoint.saved_step is None:
+    saved_step = _step_on_disk(checkpoint.path)  # a save may have ended mid-record
+    if saved_step is None:
         since = "the stage's start (it had no checkpoint yet)"
     else:
-        since = f"its last checkpoint, {checkpoint.describe(checkpoint.saved_step)}"
+        since = f"its last checkpoint, {checkpoint.describe(saved_step)}"
     return (f"interrupted at step {checkpoint.step} of stage {checkpoint.stage}; "
             f"run the same command again to resume from {since}")
+
+
+def _step_on_disk(path):
+    """The step of the checkpoint at `path` that a rerun resumes from, or None."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return int(json.loads(bytes(archive["meta"]).decode("utf-8"))["step"])
+    except Exception:  # pylint: disable=broad-except  (missing or damaged: none)
+        return None
 
 
 class StageCheckpoint(keras.callbacks.Callback):

@@ -15,16 +15,18 @@ import pytest
 
 TIMEOUT = 600  # seconds, for a busy machine
 
-# 16 steps an epoch, 3 epochs, a checkpoint at each epoch's end.
+# 32 steps an epoch, 3 epochs, a checkpoint every 3 steps: interrupted mid-epoch, with
+# time to spare before the stage ends.
 RUN = [
     "--method=ce",
     "--dataset=synthetic",
     "--model=resnet8",
-    "--train_examples=256",
+    "--train_examples=512",
     "--batch_size=16",
     "--epochs=3",
     "--learning_rate=0.05",
     "--eval_batch_size=128",
+    "--checkpoint_steps=3",
     "--verbose=0",
 ]
 
@@ -78,7 +80,7 @@ def test_interrupted_run_says_where_and_the_same_command_resumes(tmp_path, signa
     match = MESSAGE.fullmatch(lines[-1])
     assert match, lines[-1]
     step, saved_step = int(match[1]), int(match[2])
-    assert 16 <= saved_step <= step < 48 and saved_step % 16 == 0
+    assert 3 <= saved_step <= step < 96 and saved_step % 3 == 0
     # The lock is released, and the checkpoint the message names is what a rerun resumes.
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
     log_path = str(tmp_path / "resumed.txt")
@@ -87,3 +89,34 @@ def test_interrupted_run_says_where_and_the_same_command_resumes(tmp_path, signa
     output = "\n".join(output_lines(log_path))
     assert f"Stage student: resuming at step {saved_step + 1} " in output, output
     assert os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+
+def test_message_names_the_checkpoint_on_disk(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from keras_feed import checkpointing
+
+    monkeypatch.setattr(checkpointing, "_TRAINING", [])
+    assert checkpointing.interruption_message().startswith("interrupted before training began;")
+    stage = checkpointing.StageCheckpoint(str(tmp_path), stage="student", steps_per_epoch=16,
+                                          epochs=3)
+    checkpointing._TRAINING[:] = [stage]  # what its on_train_begin does
+    stage.step = 7
+    assert checkpointing.interruption_message() == (
+        "interrupted at step 7 of stage student; run the same command again to resume from "
+        "the stage's start (it had no checkpoint yet)"
+    )
+    # Interrupted after a save renamed its file into place, before it recorded the step.
+    stage.saved_step = 3
+    meta = np.frombuffer(json.dumps({"step": 6}).encode("utf-8"), dtype=np.uint8)
+    np.savez(os.path.join(str(tmp_path), checkpointing.STATE_FILE), meta=meta)
+    assert checkpointing.interruption_message() == (
+        "interrupted at step 7 of stage student; run the same command again to resume from "
+        "its last checkpoint, step 6 (epoch 1, batch 6)"
+    )
+    stage.step = 48
+    assert checkpointing.interruption_message() == (
+        "interrupted after stage student; run the same command again to resume"
+    )
