@@ -33,6 +33,7 @@ from keras_feed import distribute
 from keras_feed import frozen
 from keras_feed import models
 from keras_feed import storage
+from keras_feed import summary
 from keras_feed import translators as translators_lib
 
 
@@ -83,6 +84,7 @@ class TrainConfig:
     ft_rate: float = 0.5  # ft: paraphrase rate k (factor channels = k * C)
     paraphraser_epochs: int = 10  # ft: epochs of each paraphraser's pre-training
     paraphraser_learning_rate: float = 0.01  # ft: its peak learning rate (same schedule)
+    baseline: bool = False  # also train a CE student of the same architecture and seed
     dry_run: bool = False  # validate and print the plan, train nothing
     checkpoint_steps: int = 0  # also checkpoint every N steps; 0: at each epoch's end only
     deterministic: bool = False  # op determinism: resumed runs end bitwise as uninterrupted ones
@@ -225,6 +227,7 @@ class Experiment:
         self.num_classes = self.info.num_classes
         self.history = {}
         self.teacher_paths = []
+        self.baseline_metrics = None
         self._test_labels = None
         self._check_models()
 
@@ -361,6 +364,21 @@ class Experiment:
             storage.save_weights(paraphraser, path)
         paraphraser.trainable = False
         return paraphraser
+
+    def train_baseline(self):
+        """`--baseline`: a CE student of the student's architecture and seed, evaluated.
+
+        Saved as `<model_dir>/baseline.keras` (reused by a rerun); its test
+        accuracy goes into `metrics.json` as `baseline`, with the `gain`.
+        """
+        path = os.path.join(self.config.model_dir, "baseline.keras")
+        self.train_with_ce(
+            path, self.config.model, seed=self.config.seed, stage="baseline",
+            epochs=self.config.epochs, what="the CE baseline student",
+        )
+        probabilities = self.predict_probabilities(self.load_frozen(path))
+        self.baseline_metrics = {"model": self.config.model, "path": os.path.abspath(path),
+                                 **self.scores(probabilities)}
 
     def train_with_ce(self, path, architecture, *, seed, stage, epochs, what):
         """Trains a fresh `architecture` with cross-entropy into `path`, unless it exists."""
@@ -555,10 +573,14 @@ class Experiment:
             teacher_paths=[os.path.abspath(path) for path in self.teacher_paths],
         )
         metrics.update(extra or {})
+        if self.baseline_metrics is not None:
+            metrics["baseline"] = self.baseline_metrics
+            metrics["gain"] = metrics["student"]["test_accuracy"] - self.baseline_metrics["test_accuracy"]
         storage.save_model(student, os.path.join(model_dir, "student.keras"))
         if distiller is not None and distiller.translators:
             save_translators(distiller, os.path.join(model_dir, "translators.weights.h5"))
         storage.export_saved_model(student, os.path.join(model_dir, "export"))
+        summary.plot(metrics, os.path.join(model_dir, "summary.png"))
         storage.write_json(os.path.join(model_dir, "metrics.json"), metrics)  # last: the run is complete
         checkpointing.remove_checkpoints(model_dir)
         return metrics
@@ -713,6 +735,8 @@ def _run(config, method, strategy):
             return model_dir.finished
         if model_dir.resuming:
             say("Resuming the run in %s", config.model_dir)
+        if config.baseline:
+            experiment.train_baseline()
         keras.utils.set_random_seed(config.seed)
         return method.run(experiment)
 

@@ -60,6 +60,11 @@ class Method:
 
         Subclasses extend it (calling `super().check(config)`).
         """
+        if config.baseline and not self.uses_teachers:
+            raise ValueError(
+                f"--baseline with --method={self.name}: this student is the cross-entropy "
+                "baseline itself."
+            )
         if self.uses_teachers and config.beta == 0 and config.kd_weight == 0:
             raise ValueError(
                 f"--method={self.name} with --beta=0 and --kd_weight=0: no term uses the "

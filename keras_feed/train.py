@@ -66,6 +66,7 @@ flags.DEFINE_integer("generations", 2, "sfeed: born-again generations distilled 
 flags.DEFINE_float("ft_rate", 0.5, "ft: paraphrase rate k in (0, 1]; the factor has k * C channels.")
 flags.DEFINE_integer("paraphraser_epochs", 10, "ft: epochs of each paraphraser's reconstruction pre-training.")
 flags.DEFINE_float("paraphraser_learning_rate", 0.01, "ft: the paraphraser's peak learning rate (same schedule as the student's); its reconstruction loss on raw teacher maps diverges at the student's usual 0.1.")
+flags.DEFINE_bool("baseline", False, "Also train a plain cross-entropy student of the same architecture and seed, and report its test accuracy and the gain (metrics.json: baseline, gain).")
 flags.DEFINE_bool("dry_run", False, "Validate the flags, build the models and the data spec, print the plan, train nothing.")
 
 # Outputs.
@@ -103,10 +104,10 @@ def main():
     metrics = experiment.run(config_from_flags())
     if "plan" in metrics:
         return
-    summary = [f"student {metrics['student']['test_accuracy']:.4f}"]
-    if "ensemble" in metrics:
-        summary.append(f"ensemble of {metrics['ensemble']['size']} {metrics['ensemble']['test_accuracy']:.4f}")
-    print(f"Test accuracy: {', '.join(summary)}. Outputs in {FLAGS.model_dir}")
+    from keras_feed import summary
+
+    print("\n".join(summary.table(metrics)))
+    print(f"Outputs in {FLAGS.model_dir} (summary.png: the table above as a chart)")
 
 
 def interrupted():

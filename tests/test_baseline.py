@@ -1,0 +1,41 @@
+"""--baseline: a plain-CE student of the same architecture and seed, reported beside."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_feed import data, experiment, summary
+
+
+def test_baseline_is_trained_evaluated_and_reported(tmp_path):
+    config = experiment.TrainConfig(
+        method="pfeed", dataset="synthetic", model="resnet8", train_examples=64, batch_size=32,
+        epochs=1, num_teachers=1, baseline=True, verbose=0, model_dir=str(tmp_path / "run"),
+    )
+    metrics = experiment.run(config)
+    baseline = metrics["baseline"]
+    assert baseline["model"] == "resnet8" and os.path.isfile(baseline["path"])
+    assert "baseline" in metrics["stages"]
+    # Its accuracy is the saved baseline's, recomputed on the run's test split.
+    test = data.load("synthetic", train_examples=64).test(256)
+    model = keras.models.load_model(baseline["path"])
+    predictions = np.concatenate([np.argmax(model.predict(x, verbose=0), axis=1) for x, _ in test])
+    labels = np.concatenate([y.numpy() for _, y in test])
+    assert baseline["test_accuracy"] == pytest.approx(float(np.mean(predictions == labels)), abs=1e-9)
+    assert metrics["gain"] == pytest.approx(metrics["student"]["test_accuracy"] - baseline["test_accuracy"])
+    lines = summary.table(metrics)
+    assert any(line.strip().startswith("CE student (resnet8, same seed)") for line in lines)
+    assert lines[-1].strip().startswith("gain over the CE student")
+    with open(tmp_path / "run" / "summary.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_with_the_ce_method_is_refused(tmp_path):
+    config = experiment.TrainConfig(
+        method="ce", dataset="synthetic", model="resnet8", baseline=True, dry_run=True,
+        model_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(ValueError, match="baseline itself"):
+        experiment.run(config)
