@@ -43,7 +43,7 @@ def plot(metrics, path):
     entries = rows(metrics)
     labels = [label for label, _ in entries]
     values = [100 * accuracy for _, accuracy in entries]
-    figure, axis = plt.subplots(figsize=(7, 0.5 * len(entries) + 1.2))
+    figure, axis = plt.subplots(figsize=(7, 0.5 * len(entries) + 1.5))
     colours = ["#9aa9b8"] * len(entries)
     colours[-1] = "#d2691e"
     if "baseline" in metrics:
@@ -58,7 +58,7 @@ def plot(metrics, path):
         axis.text(value, bar.get_y() + bar.get_height() / 2, f" {value:.2f}", va="center")
     title = f"{metrics.get('dataset', '')}: test accuracy (%)"
     if "gain" in metrics:
-        title += f"; gain over the CE student {100 * metrics['gain']:+.2f} points"
+        title += f"\ngain over the CE student: {100 * metrics['gain']:+.2f} points"
     axis.set_title(title, fontsize=10)
     figure.tight_layout()
     with storage.atomic_path(path) as temporary:
