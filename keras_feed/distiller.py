@@ -75,8 +75,9 @@ class FEEDDistiller(training_backend.Trainer):
     Teachers are frozen: run in inference mode with BatchNormalization folded
     into their convolutions (refolded at the start of each `fit`, `evaluate`,
     `train_on_batch` and `test_on_batch` call, so teacher weights loaded in
-    between are used), outside the gradient, never tracked (their weights are
-    in no checkpoint or export of the distiller). The NTLs (`translators`) are
+    between are used; on JAX the compiled steps are then traced again),
+    outside the gradient, never tracked (their weights are in no checkpoint
+    or export of the distiller). The NTLs (`translators`) are
     built here, so every variable exists before `compile()`. Build and compile
     inside `strategy.scope()` under tf.distribute.
 
@@ -253,9 +254,18 @@ class FEEDDistiller(training_backend.Trainer):
         return list(self._frozen.value["teachers"])
 
     def refold_teachers(self):
-        """Refolds the teachers' Conv+BN pairs from their current weights."""
-        for graph in self._frozen.value["teacher_graphs"]:
+        """Refolds the teachers' Conv+BN pairs from their current weights.
+
+        Called at the start of each `fit`, `evaluate`, `train_on_batch` and
+        `test_on_batch`. On JAX, where the teachers' weights are constants of
+        the compiled steps, the steps are traced again when they changed.
+        """
+        state = self._frozen.value
+        for graph in state["teacher_graphs"]:
             frozen.refold(graph)
+        # The folded kernels follow from the teachers' weights.
+        read = [*state["teachers"], *(t for t in state["teacher_transforms"] if t is not None)]
+        self.frozen_weights_read([variable for model in read for variable in model.weights])
 
     def default_loss(self):
         """Sparse cross-entropy matching the student's head (logits or softmax)."""
@@ -362,10 +372,13 @@ class FEEDDistiller(training_backend.Trainer):
 
     # -- steps -------------------------------------------------------------------
 
-    def predict_step(self, data):
+    def predict_step(self, *state_and_data):
         """The student's own outputs, as `student.predict` gives them."""
-        x = data[0] if isinstance(data, (list, tuple)) else data
-        return self(x, training=False)["predictions"]
+        outputs = super().predict_step(*state_and_data)
+        if len(state_and_data) == 2:  # Keras' JAX trainer: its state in, and back out
+            outputs, state = outputs
+            return outputs["predictions"], state
+        return outputs["predictions"]
 
     # -- one fold per call -------------------------------------------------------
 

@@ -52,6 +52,7 @@ class ParaphraserTrainer(training_backend.Trainer):
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, stopped by a `DivergenceGuard` if the reconstruction diverges."""
         frozen.refold(self._frozen.value)
+        self.frozen_weights_read(self._frozen.value.weights)
         guard = DivergenceGuard(self.paraphraser.name)
         return super().fit(*args, callbacks=[guard, *(callbacks or [])], **kwargs)
 

@@ -17,9 +17,18 @@ things are left that Keras does not do, each a small function here:
   across workers, and cannot).
 
 On other backends each function is the identity.
+
+On JAX, Keras compiles each step with XLA and passes only the trainer's own
+variables in: any other variable the step reads (a frozen teacher's weights,
+its folded kernels) is a constant of the compiled step.
+`Trainer.frozen_weights_read` drops the compiled steps when those values
+change, so that the next `fit` or `evaluate` traces them again.
 """
 
+import hashlib
+
 import keras
+import numpy as np
 
 
 def _tensorflow():
@@ -105,14 +114,50 @@ def first_local_batch(model, iterator):
     return keras.tree.map_structure(first, batch)
 
 
+def weights_digest(variables):
+    """A digest of the values (dtypes, shapes and bytes) of `variables`, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for variable in variables:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(memoryview(value).cast("B"))
+    return digest.hexdigest()
+
+
 class Trainer(keras.Model):
     """Base of keras-feed's trainers: Keras' own steps, plus what is above.
 
     A subclass writes its loss in `compute_loss` (with `keras.ops`) and sets
-    `weight_decay`; the steps, the symbolic build and the logs are Keras'.
+    `weight_decay`; the steps, the symbolic build and the logs are Keras'. A
+    subclass whose steps read variables it does not track (frozen teachers)
+    passes them to `frozen_weights_read` before each `fit` or `evaluate`.
     """
 
     weight_decay = 0.0
+    _frozen_weights_digest = None
+
+    def frozen_weights_read(self, variables):
+        """Declares the untracked `variables` the steps read, at their current values.
+
+        On JAX they are constants of the compiled train and test steps: when
+        their values differ from those of the last call, `train_function` and
+        `test_function` are dropped and Keras traces them again at their next
+        use. On TensorFlow, whose compiled steps read variables as they run,
+        nothing is done (and nothing is read).
+        """
+        if keras.backend.backend() != "jax":
+            return
+        digest = weights_digest(variables)
+        if digest != self._frozen_weights_digest:
+            import jax  # noqa: PLC0415 (JAX only on its backend)
+
+            if self._frozen_weights_digest is not None:
+                # JAX caches a trace by the function traced (here Keras' bound
+                # `self.train_step`), not by the constants it read: its caches
+                # must go too, or a step jitted anew could reuse the old trace.
+                jax.clear_caches()
+            self._frozen_weights_digest = digest
+            self.train_function = self.test_function = None
 
     def weight_decay_loss(self):
         """Coupled L2 decay as a loss: `weight_decay / 2 * sum ||w||^2` (float32).
@@ -140,6 +185,8 @@ class Trainer(keras.Model):
         # first batch reduced across replicas, which fails across workers.
         # Built here always (from one replica's slice), they exist before
         # `fit`'s callbacks run: a resumed epoch's running metrics can be restored.
+        # Only Keras' TensorFlow trainer has and calls this hook; its JAX
+        # trainer calls `_symbolic_build` itself, with no strategy involved.
         if _tensorflow() is None:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         if data_batch is None and iterator is not None:

@@ -1,0 +1,137 @@
+"""The FEED core on JAX: its tests pass there, and a step gives TensorFlow's numbers.
+
+Run from the TensorFlow test process: the JAX side runs in subprocesses
+(`KERAS_BACKEND` is read once, at `import keras`). Run as a script,
+`python tests/test_backends.py FOLDER` takes the steps of
+`test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax` on the backend
+it is started with.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_net
+from keras_feed import FEEDDistiller
+from test_teacher_inference import randomise_batchnorm
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+# The core tests run on JAX: every test of these files (TensorFlow-only ones
+# skip themselves) but the slow `keras.applications` ones and those of
+# TensorFlow-side plumbing (tf.data equivalence, checkpointing, the import check).
+JAX_TESTS = ["test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py"]
+NOT_ON_JAX = (
+    "not applications and not nested_backbone and not py_dataset_and_tf_data"
+    " and not fit_resumable and not import_keras_feed"
+)
+
+
+def jax_environment():
+    """The environment of a JAX subprocess: its backend, on CPU.
+
+    The models are tiny: XLA's compile time, not their run time, is what takes
+    long, and at optimisation level 0 it compiles several times faster.
+    """
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+
+def skip_unless_tensorflow_with_jax():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("compares JAX with TensorFlow: run with KERAS_BACKEND=tensorflow")
+    try:
+        import jax  # noqa: F401, PLC0415
+    except ImportError:
+        pytest.skip("jax is not installed (pip install 'keras-feed[test]' installs jax[cpu])")
+
+
+def test_core_tests_pass_on_jax():
+    skip_unless_tensorflow_with_jax()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", NOT_ON_JAX,
+         *(os.path.join(TESTS, name) for name in JAX_TESTS)],
+        cwd=ROOT, env=jax_environment(), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+# -- one FEED step on both backends ---------------------------------------------------
+
+CLASSES = 4
+
+
+def step_distiller():
+    """Student, two teachers (BatchNorm statistics far from their initial values),
+    FEED, KD and weight decay: every term of the loss."""
+    student = tiny_net("student", classes=CLASSES)
+    teachers = [tiny_net(f"teacher_{i}", width=12 + 4 * i, classes=CLASSES, seed=10 + i) for i in range(2)]
+    for index, teacher in enumerate(teachers):
+        randomise_batchnorm(teacher, index)
+    distiller = FEEDDistiller(student, teachers, beta=10.0, kd_weight=0.3, temperature=4.0, weight_decay=5e-4)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
+    return distiller
+
+
+def take_steps(distiller, folder):
+    """From the weights and batch in `folder`/start.npz: two training steps and a
+    test step. Returns `(logs of each step, the distiller's weights after)`."""
+    start = np.load(os.path.join(folder, "start.npz"))
+    distiller.set_weights([start[f"distiller_{i}"] for i in range(len(distiller.weights))])
+    for n, teacher in enumerate(distiller.frozen_teachers()):
+        teacher.set_weights([start[f"teacher_{n}_{i}"] for i in range(len(teacher.weights))])
+    images, labels = start["images"], start["labels"]
+    logs = [distiller.train_on_batch(images, labels, return_dict=True) for _ in range(2)]
+    logs.append(distiller.test_on_batch(images, labels, return_dict=True))
+    logs = [{name: float(value) for name, value in step.items()} for step in logs]
+    return logs, distiller.get_weights()
+
+
+def test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax(tmp_path):
+    skip_unless_tensorflow_with_jax()
+    distiller = step_distiller()
+    rng = np.random.default_rng(0)
+    start = {
+        "images": rng.normal(size=(16, 16, 16, 3)).astype("float32"),
+        "labels": rng.integers(0, CLASSES, size=16).astype("int32"),
+    }
+    start.update({f"distiller_{i}": w for i, w in enumerate(distiller.get_weights())})
+    for n, teacher in enumerate(distiller.frozen_teachers()):
+        start.update({f"teacher_{n}_{i}": w for i, w in enumerate(teacher.get_weights())})
+    np.savez(tmp_path / "start.npz", **start)
+
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(tmp_path)],
+        cwd=ROOT, env=jax_environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    tensorflow_logs, tensorflow_weights = take_steps(distiller, str(tmp_path))
+    jax_logs = json.loads((tmp_path / "jax_logs.json").read_text())
+    jax_weights = np.load(tmp_path / "jax_weights.npz")
+
+    for step, (ours, theirs) in enumerate(zip(tensorflow_logs, jax_logs)):
+        assert set(ours) == set(theirs)
+        for name in ours:
+            assert theirs[name] == pytest.approx(ours[name], rel=1e-4, abs=1e-7), (step, name)
+    assert {"feed_loss_0", "feed_loss_1", "kd_loss", "weight_decay_loss"} <= set(jax_logs[0])
+    # The updates, not the weights (which they barely move), to the same tolerance.
+    for index, ours in enumerate(tensorflow_weights):
+        before = start[f"distiller_{index}"]
+        np.testing.assert_allclose(
+            jax_weights[f"w{index}"] - before, ours - before, rtol=1e-4, atol=1e-6, err_msg=str(index)
+        )
+
+
+if __name__ == "__main__":  # one side of the comparison, on the backend it runs on
+    folder = sys.argv[1]
+    logs, weights = take_steps(step_distiller(), folder)
+    with open(os.path.join(folder, "jax_logs.json"), "w") as handle:
+        json.dump(logs, handle)
+    np.savez(os.path.join(folder, "jax_weights.npz"), **{f"w{i}": w for i, w in enumerate(weights)})
