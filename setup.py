@@ -24,7 +24,8 @@ setuptools.setup(
         "numpy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # jax[cpu]: the tests run the distiller's core on the JAX backend as well.
+    extras_require={"test": ["pytest>=7", "jax[cpu]"]},
     entry_points={
         "console_scripts": [
             "keras-feed-train=keras_feed.train:run",

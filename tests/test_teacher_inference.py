@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 from conftest import tiny_net
-from keras_feed import FEEDDistiller, models
+from keras_feed import FEEDDistiller, factor_transfer, models
 from keras_feed.frozen import extractor as feature_extractor, folded_layers, inference_model, refold
 
 
@@ -65,3 +65,19 @@ def test_distiller_targets_are_the_teachers_features():
             np.testing.assert_allclose(target, features, rtol=1e-4, atol=1e-4)
             if logits:
                 np.testing.assert_allclose(logits[index], reference_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_paraphraser_stage_reads_the_teachers_current_weights():
+    """On JAX the teacher's weights are constants of the compiled step: changed, it is traced again."""
+    teacher = tiny_net("teacher", width=8)
+    paraphraser = factor_transfer.new_paraphraser(teacher, teacher_layer="features", rate=0.5)
+    trainer = factor_transfer.ParaphraserTrainer(teacher, paraphraser, teacher_layer="features")
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))  # the paraphraser stays as it is
+    images = np.random.default_rng(3).normal(size=(8, 16, 16, 3)).astype("float32")
+    for seed in (None, 4):  # the weights it was built with, then others
+        if seed is not None:
+            randomise_batchnorm(teacher, seed)
+        history = trainer.fit(images, batch_size=8, epochs=1, verbose=0)
+        features = feature_extractor(teacher, "features")(images, training=False)[2]
+        expected = np.mean(np.square(features - paraphraser(features)))
+        np.testing.assert_allclose(history.history["reconstruction_loss"][0], expected, rtol=1e-4)
