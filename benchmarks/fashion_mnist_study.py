@@ -99,6 +99,12 @@ SMOKE_RECIPE = dict(
 
 KD = (("kd_weight", 0.9), ("temperature", 4.0))
 
+# The committed teachers were written by keras-feed 0.1.0: they have no
+# preprocessing layer and expect images normalised with the training split's
+# mean and std. Teachers this script trains now carry the layer, and are used
+# as they are.
+TEACHER_PREPROCESSING = "dataset"
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -349,6 +355,7 @@ def measure_teachers(study):
     import keras
     import numpy as np
     from keras_feed import data as data_lib
+    from keras_feed.models import preprocessing
 
     data = data_lib.load(
         study.recipe["dataset"], data_dir=study.recipe["data_dir"],
@@ -358,7 +365,12 @@ def measure_teachers(study):
     labels = np.concatenate([y.numpy() for _, y in test])
     probabilities = []
     for index in range(NUM_TEACHERS):
-        model = keras.models.load_model(study.teacher_path(index), compile=False)
+        path = study.teacher_path(index)
+        model = preprocessing.raw_pixel_model(
+            keras.models.load_model(path, compile=False), TEACHER_PREPROCESSING,
+            statistics=lambda: (data.info.mean, data.info.std), what=f"Teacher file {path}",
+            flag="TEACHER_PREPROCESSING",
+        )
         logits = model.predict(test.map(lambda x, y: x), verbose=0)
         probabilities.append(np.asarray(keras.ops.softmax(logits.astype("float32"))))
     return probabilities, labels
@@ -427,7 +439,8 @@ def train_student(study, run, revision):
     settings = dict(run.settings)
     config = base_config(
         study, method=run.method, seed=run.seed, model_dir=model_dir,
-        teachers=tuple(study.teacher_path(i) for i in run.teacher_ids), **settings,
+        teachers=tuple(study.teacher_path(i) for i in run.teacher_ids),
+        teacher_preprocessing=TEACHER_PREPROCESSING, **settings,
     )
     metrics = finished_metrics(config) or run_in(model_dir, config)
     record = {

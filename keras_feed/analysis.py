@@ -20,11 +20,21 @@ from keras_feed import frozen
 from keras_feed import experiment
 from keras_feed import losses
 from keras_feed import storage
+from keras_feed.models import preprocessing
 
 class RunParts:
-    """A trained FEED run's student, NTLs and teachers, loaded from its folder."""
+    """A trained FEED run's student, NTLs and teachers, loaded from its folder.
 
-    def __init__(self, run_dir, *, unsafe=False):
+    Every model takes raw pixels, as the data pipelines give them. Models
+    without their own preprocessing layer are those of a keras-feed 0.1.0 run
+    (a student, or teachers trained by the run or read with
+    `--teacher_preprocessing=dataset`), which expect images normalised with
+    the dataset's mean and std: `statistics()` gives them, and they are added
+    as the models' first layer. Teacher files the run read with
+    `--teacher_preprocessing=none` are used as they are.
+    """
+
+    def __init__(self, run_dir, *, statistics=None, unsafe=False):
         metrics_path = os.path.join(run_dir, "metrics.json")
         if not os.path.isfile(metrics_path):
             raise ValueError(f"No metrics.json in {run_dir}: not a finished keras-feed run.")
@@ -45,13 +55,28 @@ class RunParts:
                 f"{len(teacher_paths)} teachers."
             )
         config = metrics.get("config", {})
-        student = storage.load_model(os.path.join(run_dir, "student.keras"), unsafe=unsafe)
+        teacher_convention = config.get("teacher_preprocessing", "dataset")
+        if statistics is None:
+            def statistics():
+                raise ValueError(
+                    f"Run {run_dir} holds models without a preprocessing layer (keras-feed "
+                    "0.1.0): the dataset's mean and std are needed to analyse it."
+                )
+
+        def load(path, convention, what):
+            return preprocessing.raw_pixel_model(
+                storage.load_model(path, unsafe=unsafe), convention, statistics=statistics,
+                what=f"{what} of run {run_dir}", flag="--teacher_preprocessing",
+            )
+
+        student_path = os.path.join(run_dir, "student.keras")
         self.student = frozen.extractor(
-            student, config.get("student_layer", "features"), role="Student", name="student"
+            load(student_path, "dataset", f"The student {student_path}"),
+            config.get("student_layer", "features"), role="Student", name="student",
         )
         self.teachers = [
             frozen.extractor(
-                storage.load_model(path, unsafe=unsafe),
+                load(path, teacher_convention, f"Teacher file {path}"),
                 config.get("teacher_layer", "features"),
                 role=f"Teacher {index}",
                 name=f"teacher_{index}",

@@ -15,6 +15,10 @@ it reports per teacher n:
 
 It writes `analysis.json` and a bar chart `reconstruction_error.png` into
 `--output_dir`, side by side for every run.
+
+Run folders of keras-feed 0.1.0, whose student and teachers expect images
+normalised with the dataset's mean and std, are analysed too: `--dataset`'s
+normalisation is added to those models as their first layer.
 """
 
 import os
@@ -42,8 +46,12 @@ def main():
     labels = FLAGS.labels or [os.path.basename(os.path.normpath(run)) for run in FLAGS.runs]
     if len(labels) != len(FLAGS.runs):
         raise ValueError(f"--labels names {len(labels)} runs, --runs {len(FLAGS.runs)}.")
-    parts = [analysis.RunParts(run, unsafe=FLAGS.unsafe_load) for run in FLAGS.runs]
     data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
+    parts = [
+        analysis.RunParts(run, statistics=lambda: (data.info.mean, data.info.std),
+                          unsafe=FLAGS.unsafe_load)
+        for run in FLAGS.runs
+    ]
     dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
     if FLAGS.max_examples:
         dataset = dataset.unbatch().take(FLAGS.max_examples).batch(FLAGS.batch_size)

@@ -102,6 +102,21 @@ def define_unsafe_load_flag():
         )
 
 
+def define_preprocessing_flag():
+    """Defines --preprocessing: what a model file without its own normalisation expects."""
+    from absl import flags
+
+    if "preprocessing" not in flags.FLAGS:
+        flags.DEFINE_enum(
+            "preprocessing", "auto", ["auto", "dataset", "none"],
+            "What a model without keras-feed's normalisation inside expects (a .keras model "
+            "without its own preprocessing layer after its input, or an export taking float32 "
+            "inputs): auto refuses it; dataset: images normalised with --dataset's mean and std "
+            "(every keras-feed 0.1.0 file); none: raw pixels in [0, 255]. A model with the "
+            "layer, or an export taking uint8 images, is used as it is.",
+        )
+
+
 def run(program, body, interrupted=None):
     """Runs a command: parses its flags (one-line errors), then `body()` with one-line errors.
 

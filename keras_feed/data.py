@@ -2,7 +2,9 @@
 
 Entry point: :func:`load` returns a :class:`Data` object whose ``train()``,
 ``test()`` and ``train_eval()`` methods build ``tf.data`` pipelines of
-``(images float32 (B, H, W, C) normalised, labels int32 (B,))``.
+``(images float32 (B, H, W, C), labels int32 (B,))``: raw pixels, values in
+[0, 255] as the dataset stores them (after augmentation and resizing), never
+normalised -- the models normalise their own inputs (see below).
 
 Sources (``dataset_names()``):
 
@@ -38,11 +40,16 @@ Sources (``dataset_names()``):
   and 256 test examples.  The task itself is fixed (it does not depend on
   ``seed``); it is only ever used when asked for by name.
 
-Normalisation is ``(x / 255 - mean) / std`` per channel.  CIFAR-10/100 use the
-usual per-channel constants, ``imagenet2012`` and ``folder`` ImageNet's; IDX,
-MNIST, Fashion-MNIST and synthetic data compute mean/std over the *full*
-training split (not the ``train_examples`` subset, so models trained on
-different subsets see identically normalised inputs).
+Normalisation: ``DatasetInfo.mean`` and ``.std`` are the per-channel
+statistics, in [0, 1] units, of the normalisation ``(x / 255 - mean) / std``
+that every model keras-feed builds for the dataset carries as its first layer
+(``keras_feed.models.build(..., mean=info.mean, std=info.std)``); the
+pipelines themselves yield raw pixels, so a saved model is served with images
+as they are stored.  CIFAR-10/100 use the usual per-channel constants,
+``imagenet2012`` and ``folder`` ImageNet's; IDX, MNIST, Fashion-MNIST and
+synthetic data compute mean/std over the *full* training split (not the
+``train_examples`` subset, so models trained on different subsets normalise
+their inputs identically).
 
 Augmentation (``DatasetInfo.augment``):
 
@@ -88,6 +95,7 @@ __all__ = [
     "DatasetInfo",
     "Data",
     "dataset_names",
+    "describe_augmentation",
     "load",
     "read_idx",
 ]
@@ -140,7 +148,9 @@ class DatasetInfo:
     image_shape: tuple  # (H, W, C) of the images the model sees
     num_train: int  # examples in the (possibly subset) training split
     num_test: int
-    mean: tuple  # per channel, in [0, 1] pixel units
+    # The normalisation (x / 255 - mean) / std that models built for the data
+    # carry as their first layer; per channel, in [0, 1] pixel units.
+    mean: tuple
     std: tuple
     augment: str  # "cifar" | "imagenet" | "none"
 
@@ -753,8 +763,6 @@ class Data:
         self._size = (h, w)
         self._channels = c if channels is None else channels
         self._pad = 4 if min(h, w) >= 32 else 2
-        self._mean = tf.constant(np.asarray(info.mean, np.float32) * 255.0)
-        self._std = tf.constant(np.asarray(info.std, np.float32) * 255.0)
         self._base_key = tf.constant([self.seed, _SALT], tf.int64)
         if self._kind == "array":
             self._x_train = tf.constant(source["x_train"])
@@ -892,7 +900,7 @@ class Data:
                     images, _derive(aug_key[0], start), positions=pos - start,
                     num_draws=global_batch,
                 )
-            return self._normalise(images), labels
+            return images, labels
 
         ds = ds.map(_no_autograph(finish), num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
@@ -917,7 +925,7 @@ class Data:
 
             def make_batch(idx):
                 images = self._ensure_size(tf.gather(x, idx))
-                return self._normalise(images), tf.gather(y, idx)
+                return images, tf.gather(y, idx)
 
             ds = ds.map(_no_autograph(make_batch), num_parallel_calls=AUTOTUNE,
                         deterministic=True)
@@ -930,7 +938,7 @@ class Data:
 
         def make_example(*payload):
             image, label = self._fetch(split, *payload)
-            return self._normalise(self._eval_transform(image)), label
+            return self._eval_transform(image), label
 
         ds = ds.map(_no_autograph(make_example), num_parallel_calls=AUTOTUNE,
                     deterministic=True)
@@ -1034,9 +1042,6 @@ class Data:
         image = tf.slice(image, [top, left, 0], [h, w, -1])
         image.set_shape([h, w, self._channels])
         return image
-
-    def _normalise(self, images):
-        return (images - self._mean) / self._std
 
 
 # --------------------------------------------------------------------------
@@ -1195,6 +1200,18 @@ def _load_imagenet(data_dir, train_examples, seed, subset_seed, size):
     )
     return Data(info_out, seed=seed, train_indices=idx, flip=True, source=source,
                 channels=3)
+
+
+def describe_augmentation(info):
+    """The training augmentation of a dataset (`DatasetInfo.augment`), in words."""
+    h, w = info.image_shape[:2]
+    flip = " + horizontal flip" if info.name not in _NO_FLIP else ""
+    if info.augment == "imagenet":
+        return (f"random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to {h}x{w}{flip}; "
+                f"evaluation: shorter side resized to size / 0.875, central {h}x{w} crop")
+    if info.augment == "cifar":
+        return f"zero-pad {4 if min(h, w) >= 32 else 2} + random {h}x{w} crop{flip}"
+    return "none"
 
 
 #: What the TFDS datasets hold, for describing a run without downloading them.

@@ -1,10 +1,21 @@
-"""keras-feed-eval: accuracy of a trained model (.keras or SavedModel) on a dataset split.
+"""keras-feed-eval: accuracy of a trained or exported model on a dataset split.
 
     keras-feed-eval --model_path=runs/feed/student.keras --dataset=fashion_mnist \\
         --data_dir=/usr/share/datasets/fashion-mnist
 
-Prints one JSON object: the model, the split, the number of examples, the
-top-1 accuracy and the mean cross-entropy.
+`--model_path` is a `.keras` file, a SavedModel folder (e.g. `<model_dir>/export`),
+a LiteRT `.tflite` file or an ONNX `.onnx` file (`keras-feed-export --format=...`).
+The model is given the split's raw images: float32 pixels in [0, 255] for a
+`.keras` model, uint8 images for an export that takes them (every export
+keras-feed writes), since the normalisation is inside the model. Its outputs
+may be logits or probabilities (a softmax head: `keras_feed.frozen.head_kind`
+for `.keras`; for an export, rows that are non-negative and sum to 1 within
+1e-3). A model without that normalisation (keras-feed 0.1.0 files, or exports
+taking float32 inputs) needs `--preprocessing=dataset` (it expects images
+normalised with the dataset's mean and std) or `--preprocessing=none`.
+
+Prints one JSON object: the model, its format and head, the split, the number
+of examples, the top-1 accuracy and the mean cross-entropy.
 """
 
 import json
@@ -16,43 +27,188 @@ from absl import flags
 FLAGS = flags.FLAGS
 cli.define_data_flags()
 cli.define_unsafe_load_flag()
+cli.define_preprocessing_flag()
 
-flags.DEFINE_string("model_path", None, "A .keras file or a SavedModel folder (e.g. <model_dir>/export).", required=True)
+flags.DEFINE_string("model_path", None, "A .keras file, a SavedModel folder (e.g. <model_dir>/export), a .tflite or an .onnx file.", required=True)
 flags.DEFINE_enum("split", "test", ["test", "train"], "Which split to evaluate on.")
 flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
 
+#: Rows of an output that are non-negative and sum to 1 within this are probabilities.
+PROBABILITY_TOLERANCE = 1e-3
 
-def load_predictor(path, *, unsafe=False):
-    """A callable `images -> logits` for a `.keras` file or a SavedModel folder."""
-    import keras
 
-    from keras_feed import storage
+class Predictor:
+    """A loaded model: `predictor(images)` gives its outputs for raw pixels.
 
+    `images` are float32 pixels in [0, 255], `(N, H, W, C)`; the outputs are
+    a float32 numpy array `(N, classes)`. `head` is `"logits"`,
+    `"probabilities"`, or None until the first outputs of an export tell.
+    """
+
+    def __init__(self, run, *, input_dtype, model_format, head=None, normalise=None):
+        self._run = run
+        self.input_dtype = input_dtype
+        self.format = model_format
+        self.head = head
+        self._normalise = normalise
+
+    def __call__(self, images):
+        import numpy as np
+
+        images = np.asarray(images, np.float32)
+        if self.input_dtype == "uint8":
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        elif self._normalise is not None:
+            images = self._normalise(images)
+        outputs = np.asarray(self._run(images), np.float32)
+        if self.head is None:
+            sums = outputs.sum(axis=1)
+            probabilities = np.all(outputs >= 0) and np.all(np.abs(sums - 1) <= PROBABILITY_TOLERANCE)
+            self.head = "probabilities" if probabilities else "logits"
+        return outputs
+
+
+def _saved_model(path):
+    import tensorflow as tf
+
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise ValueError(f"Not a SavedModel folder (no saved_model.pb): {path}")
+    loaded = tf.saved_model.load(path)
+    if "serving_default" not in loaded.signatures:
+        raise ValueError(f"SavedModel {path} has no serving_default signature.")
+    signature = loaded.signatures["serving_default"]
+    (name, spec), = signature.structured_input_signature[1].items()
+
+    def run(images):
+        outputs = signature(**{name: tf.constant(images)})
+        return next(iter(outputs.values())).numpy()
+
+    run.keep_alive = loaded  # the signature needs its object alive
+    return run, spec.dtype.name
+
+
+def _litert(path):
+    import warnings
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    with warnings.catch_warnings():  # tf.lite.Interpreter warns that it is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_path=path)
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    shape = [None]
+
+    def run(images):
+        if shape[0] != images.shape:
+            interpreter.resize_tensor_input(source["index"], images.shape)
+            interpreter.allocate_tensors()
+            shape[0] = images.shape
+        interpreter.set_tensor(source["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(target["index"]).copy()
+
+    import numpy as np
+
+    return run, np.dtype(source["dtype"]).name
+
+
+def _onnx(path):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError(f"Evaluating {path} needs the onnxruntime package: pip install onnxruntime.") from None
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    source = session.get_inputs()[0]
+    dtypes = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
+    if source.type not in dtypes:
+        raise ValueError(f"{path} takes {source.type}; uint8 or float32 images are needed.")
+
+    def run(images):
+        return session.run(None, {source.name: images})[0]
+
+    return run, dtypes[source.type]
+
+
+def load_predictor(path, *, unsafe=False, preprocessing="auto", statistics=None):
+    """A `Predictor` for a `.keras` file, a SavedModel folder, a `.tflite` or an `.onnx` file.
+
+    Args:
+      path: the model.
+      unsafe: allow `.keras` files that carry code.
+      preprocessing: what a model without keras-feed's normalisation inside
+        expects (`keras_feed.models.preprocessing.CONVENTIONS`): a `.keras`
+        model without its own preprocessing layer, or an export that takes
+        float32 inputs rather than uint8 images.
+      statistics: `() -> (mean, std)` of the dataset, for `"dataset"`.
+    """
+    import numpy as np
+
+    from keras_feed.models import preprocessing as preprocessing_lib
+
+    path = os.fspath(path)
+    if path.endswith(".keras") and not os.path.isdir(path):
+        from keras_feed import frozen
+        from keras_feed import storage
+
+        model = preprocessing_lib.raw_pixel_model(
+            storage.load_model(path, unsafe=unsafe), preprocessing, statistics=statistics,
+            what=f"Model {path}", flag="--preprocessing",
+        )
+        head = "probabilities" if frozen.head_kind(model) == "softmax" else "logits"
+        return Predictor(lambda images: model(images, training=False), input_dtype="float32",
+                         model_format="keras", head=head)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-            raise ValueError(f"Not a SavedModel folder (no saved_model.pb): {path}")
-        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
-
-        def predict(images):
-            outputs = layer(images)
-            return next(iter(outputs.values())) if isinstance(outputs, dict) else outputs
-
-        return predict
-    model = storage.load_model(path, unsafe=unsafe)
-    return lambda images: model(images, training=False)
+        (run, dtype), model_format = _saved_model(path), "tf_saved_model"
+    elif path.endswith(".tflite"):
+        (run, dtype), model_format = _litert(path), "litert"
+    elif path.endswith(".onnx"):
+        (run, dtype), model_format = _onnx(path), "onnx"
+    elif not os.path.exists(path):
+        raise ValueError(f"Model not found: {path}")
+    else:
+        raise ValueError(f"Not a model keras-feed-eval reads (.keras, SavedModel folder, .tflite, .onnx): {path}")
+    normalise = None
+    if dtype != "uint8":
+        if preprocessing not in preprocessing_lib.CONVENTIONS:
+            raise ValueError(f"Unknown --preprocessing '{preprocessing}'; choose from "
+                             f"{', '.join(preprocessing_lib.CONVENTIONS)}.")
+        if preprocessing == "auto":
+            raise ValueError(
+                f"{path} takes {dtype} inputs, not uint8 images, so it may lack keras-feed's "
+                "normalisation (keras-feed 0.1.0 exports expect images normalised with the "
+                "dataset's mean and std): pass --preprocessing=dataset for such an export, or "
+                "--preprocessing=none for one that takes raw pixels in [0, 255]."
+            )
+        if preprocessing == "dataset":
+            mean, std = (np.asarray(value, np.float32) for value in statistics())
+            normalise = lambda images: ((images / 255.0 - mean) / std).astype(np.float32)  # noqa: E731
+        dtype = "float32"
+    return Predictor(run, input_dtype=dtype, model_format=model_format, normalise=normalise)
 
 
 def evaluate(predict, dataset):
-    """Top-1 accuracy and mean cross-entropy of `predict` over `(images, labels)`."""
+    """Top-1 accuracy and mean cross-entropy of `predict` over `(images, labels)`.
+
+    `predict` is a `Predictor` (or any `images -> logits` callable).
+    """
+    import numpy as np
     import tensorflow as tf
 
     correct, total, loss_sum = 0, 0, 0.0
     for images, labels in dataset:
-        logits = tf.cast(predict(images), tf.float32)
-        correct += int(tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1, output_type=tf.int32) == labels, tf.int32)))
-        loss_sum += float(
-            tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-        )
+        outputs = np.asarray(predict(images), np.float32)
+        labels = np.asarray(labels)
+        if getattr(predict, "head", "logits") == "probabilities":
+            log_probabilities = np.log(np.maximum(outputs, 1e-12))
+        else:
+            log_probabilities = tf.nn.log_softmax(outputs).numpy()
+        correct += int(np.sum(np.argmax(outputs, axis=1) == labels))
+        loss_sum -= float(np.sum(np.take_along_axis(log_probabilities, labels[:, None], axis=1)))
         total += int(labels.shape[0])
     return {"examples": total, "accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
@@ -61,10 +217,14 @@ def main():
     from keras_feed import data as data_lib
 
     data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
-    predict = load_predictor(FLAGS.model_path, unsafe=FLAGS.unsafe_load)
+    predict = load_predictor(
+        FLAGS.model_path, unsafe=FLAGS.unsafe_load, preprocessing=FLAGS.preprocessing,
+        statistics=lambda: (data.info.mean, data.info.std),
+    )
     dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
     result = {"model_path": FLAGS.model_path, "dataset": data.info.name, "split": FLAGS.split}
     result.update(evaluate(predict, dataset))
+    result.update(format=predict.format, head=predict.head)
     print(json.dumps(result, indent=2))
 
 

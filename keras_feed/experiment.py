@@ -7,9 +7,11 @@ named by `config.method` (see `keras_feed.methods`), then evaluates the student,
 its teachers and their ensemble, and writes the outputs into `config.model_dir`:
 
     student.keras             the student alone (Keras format)
-    export/                   the student as a TensorFlow SavedModel
+    export/                   the student as a TensorFlow SavedModel (`serving_default`
+                              takes uint8 images (N, H, W, C), as the dataset stores them)
     translators.weights.h5    the NTLs' weights (for the analysis)
-    metrics.json              test accuracy of student, teachers and ensemble
+    metrics.json              test accuracy of student, teachers and ensemble, and
+                              the input the student takes (`input`: normalisation...)
     teachers/teacher_<i>.keras  teachers trained by the run (reused if present)
     logs/<stage>/             TensorBoard logs of every training stage
     checkpoints/<stage>/      while it trains: what a rerun resumes from (see
@@ -32,6 +34,7 @@ from keras_feed import distiller as distiller_lib
 from keras_feed import distribute
 from keras_feed import frozen
 from keras_feed import models
+from keras_feed.models import preprocessing
 from keras_feed import storage
 from keras_feed import summary
 from keras_feed import translators as translators_lib
@@ -48,6 +51,9 @@ class TrainConfig:
     model: str = "resnet56"
     teacher_model: str | None = None  # default: the student's architecture
     teachers: tuple = ()  # paths of trained teachers (.keras)
+    # What a teacher file without its own preprocessing layer expects: auto
+    # (refuse it), dataset (the dataset's mean/std normalisation), none (raw pixels)
+    teacher_preprocessing: str = "auto"
     num_teachers: int = 2
     teacher_dir: str | None = None  # default: <model_dir>/teachers
     teacher_seed: int = 100  # teacher i is trained with seed teacher_seed + i
@@ -143,6 +149,11 @@ def check_config(config, method):
         raise ValueError(f"--checkpoint_steps must be >= 0, got {config.checkpoint_steps}.")
     if method.uses_teachers and not config.teachers and config.num_teachers < 1:
         raise ValueError(f"--num_teachers must be >= 1, got {config.num_teachers}.")
+    if config.teacher_preprocessing not in preprocessing.CONVENTIONS:
+        raise ValueError(
+            f"Unknown --teacher_preprocessing '{config.teacher_preprocessing}'; choose from "
+            f"{', '.join(preprocessing.CONVENTIONS)}."
+        )
     for path in config.teachers:
         if not os.path.isfile(path):
             raise ValueError(f"Teacher file not found: {path}")
@@ -241,7 +252,8 @@ class Experiment:
             self.checked_models = {"student": student, "teachers": []}
             if not self.method.uses_teachers:
                 return
-            teachers = [self._load_teacher(path) for path in self.config.teachers]
+            paths = self.config.teachers
+            teachers = [storage.load_model(path, unsafe=self.config.unsafe_load) for path in paths]
             if not teachers:
                 architecture = self.method.teacher_architecture(self.config)
                 teachers = [
@@ -251,6 +263,8 @@ class Experiment:
                 ]
             for teacher in teachers:
                 self._check_teacher(teacher, student)
+            if paths:  # after the shapes: how the files take their inputs
+                teachers = [self._raw_pixel_teacher(t, path) for t, path in zip(teachers, paths)]
             self.checked_models["teachers"] = teachers
 
     def _check_teacher(self, teacher, student):
@@ -276,18 +290,40 @@ class Experiment:
             tuple(student_shape), tuple(extractor.outputs[2].shape[1:])
         )
 
+    def _raw_pixel_teacher(self, teacher, path):
+        """The teacher read from `path`, taking raw pixels as the data gives them.
+
+        A file that starts with its own preprocessing layer is used as it is;
+        one without (every keras-feed 0.1.0 file) is taken as
+        `config.teacher_preprocessing` says, or refused.
+        """
+        return preprocessing.raw_pixel_model(
+            teacher, self.config.teacher_preprocessing,
+            statistics=lambda: (self.info.mean, self.info.std),
+            what=f"Teacher file {path}", flag="--teacher_preprocessing",
+        )
+
     def _load_teacher(self, path):
-        teacher = storage.load_model(path, unsafe=self.config.unsafe_load)
+        """The trained model in `path`, frozen, taking raw pixels (`_raw_pixel_teacher`)."""
+        teacher = self._raw_pixel_teacher(
+            storage.load_model(path, unsafe=self.config.unsafe_load), path
+        )
         teacher.trainable = False
         return teacher
 
     # -- models ----------------------------------------------------------------
 
     def build_model(self, name, *, seed):
-        """A fresh `name` model, its variables created in the strategy's scope."""
+        """A fresh `name` model, its variables created in the strategy's scope.
+
+        It takes raw pixels and normalises them with the dataset's mean and std
+        in its first layer, as every model a run trains (teachers, sFEED
+        generations, students), so the files it is saved to need nothing else.
+        """
         with self.strategy.scope():
             return models.build(
-                name, input_shape=self.input_shape, num_classes=self.num_classes, seed=seed
+                name, input_shape=self.input_shape, num_classes=self.num_classes, seed=seed,
+                mean=self.info.mean, std=self.info.std,
             )
 
     def build_student(self, seed=None):
@@ -553,6 +589,22 @@ class Experiment:
             }
         return results
 
+    def input_description(self):
+        """What the saved student and its export take: `metrics.json`'s `input`."""
+        info = self.info
+        description = {
+            "image_shape": list(info.image_shape),
+            "dtype": "uint8 or float32 pixels in [0, 255]",
+            "normalisation": "(pixels / 255 - mean) / std per channel, inside the model "
+                             f"(its first layer, '{preprocessing.LAYER_NAME}')",
+            "mean": [float(value) for value in info.mean],
+            "std": [float(value) for value in info.std],
+            "augmentation": data_lib.describe_augmentation(info),
+        }
+        if self.method.uses_teachers:  # how teacher files without the layer were taken
+            description["teacher_preprocessing"] = self.config.teacher_preprocessing
+        return description
+
     def write_outputs(self, student, distiller, teachers, extra=None, metrics=None):
         """Saves the student, its export, the NTLs and `metrics.json`.
 
@@ -571,6 +623,7 @@ class Experiment:
             config=dataclasses.asdict(self.config),
             stages=stages,
             teacher_paths=[os.path.abspath(path) for path in self.teacher_paths],
+            input=self.input_description(),
         )
         metrics.update(extra or {})
         if self.baseline_metrics is not None:
@@ -647,6 +700,11 @@ def describe_plan(experiment):
     lines = [
         f"method {config.method} on {info.name}: {info.num_train} training / {info.num_test} "
         f"test examples, images {info.image_shape}, {info.num_classes} classes",
+        "input: raw pixels {} in [0, 255], normalised inside every model, (x / 255 - mean) / std "
+        "with mean {} and std {}; augmentation: {}".format(
+            "x".join(str(size) for size in info.image_shape), _rounded(info.mean),
+            _rounded(info.std), data_lib.describe_augmentation(info),
+        ),
         f"student {config.model}: {student.count_params():,} parameters, features {student_shape}",
     ]
     if teachers:
@@ -654,7 +712,8 @@ def describe_plan(experiment):
         teacher = teachers[0]
         teacher_shape = tuple(teacher.get_layer(config.teacher_layer).output.shape[1:])
         origin = (
-            f"{len(config.teachers)} from files" if config.teachers
+            f"{len(config.teachers)} from files (--teacher_preprocessing={config.teacher_preprocessing})"
+            if config.teachers
             else f"{count} x {experiment.method.teacher_architecture(config)} trained with CE"
         )
         lines.append(
@@ -677,6 +736,10 @@ def describe_plan(experiment):
     )
     lines.append(f"outputs: {config.model_dir}")
     return lines
+
+
+def _rounded(values):
+    return "[" + ", ".join(f"{value:.4f}" for value in values) + "]"
 
 
 def run(config, *, strategy=None):

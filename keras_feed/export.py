@@ -1,29 +1,66 @@
-"""keras-feed-export: export a trained student (.keras) as a TensorFlow SavedModel.
+"""keras-feed-export: export a trained student (.keras) for serving.
 
     keras-feed-export --student=runs/feed/student.keras --export_dir=serving/feed
+    keras-feed-export --student=runs/feed/student.keras --format=litert --output=feed.tflite
+    keras-feed-export --student=runs/feed/student.keras --format=onnx --output=feed.onnx
 
-The SavedModel holds the student alone, with a `serving_default` signature;
-it reloads with `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`
-or `tf.saved_model.load`. An existing folder is replaced only once the new
-export is complete.
+`--format` is one of Keras' `model.export` formats (TensorFlow backend):
+`tf_saved_model` (default; a folder with a `serving_default` signature, which
+reloads with `keras.layers.TFSMLayer(path, call_endpoint="serving_default")` or
+`tf.saved_model.load`), `litert` (a `.tflite` file) or `onnx` (an `.onnx` file;
+needs the `tf2onnx` and `onnx` packages). Every export holds the student alone
+and takes uint8 images `(N, H, W, C)` as the dataset stores them: the
+normalisation is the model's own first layer. `--output` (alias
+`--export_dir`) is replaced only once the new export is complete.
+
+A student written by keras-feed 0.1.0 has no normalisation inside: say what it
+expects with `--preprocessing=dataset` (with `--dataset` / `--data_dir`, whose
+mean and std are then added as its first layer) before exporting it.
 """
 
 from keras_feed import cli
 from absl import flags
 
 FLAGS = flags.FLAGS
+cli.define_data_flags()
 cli.define_unsafe_load_flag()
+cli.define_preprocessing_flag()
 
 flags.DEFINE_string("student", None, "The student's .keras file.", required=True)
-flags.DEFINE_string("export_dir", None, "The SavedModel folder to write.", required=True)
+flags.DEFINE_enum("format", "tf_saved_model", ["tf_saved_model", "litert", "onnx"],
+                  "Export format: a SavedModel folder, a LiteRT .tflite file or an ONNX .onnx file.")
+flags.DEFINE_string("output", None, "The SavedModel folder, .tflite or .onnx file to write.", required=True)
+flags.DEFINE_alias("export_dir", "output")
+
+
+def load_student():
+    """`--student`, taking raw pixels as `--preprocessing` says.
+
+    The dataset (`--dataset`, `--data_dir`, `--image_size`) is only described,
+    for its mean and std, when a student without its own preprocessing layer
+    is to be given the dataset's.
+    """
+    from keras_feed import data as data_lib
+    from keras_feed import storage
+    from keras_feed.models import preprocessing
+
+    def statistics():
+        info = data_lib.describe(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
+        return info.mean, info.std
+
+    return preprocessing.raw_pixel_model(
+        storage.load_model(FLAGS.student, unsafe=FLAGS.unsafe_load), FLAGS.preprocessing,
+        statistics=statistics, what=f"Student file {FLAGS.student}", flag="--preprocessing",
+    )
 
 
 def main():
     from keras_feed import storage
 
-    model = storage.load_model(FLAGS.student, unsafe=FLAGS.unsafe_load)
-    storage.export_saved_model(model, FLAGS.export_dir)
-    print(f"Exported {model.name} ({model.count_params():,} parameters) to {FLAGS.export_dir}")
+    model = load_student()
+    storage.export_model(model, FLAGS.output, FLAGS.format)
+    print(f"Exported {model.name} ({model.count_params():,} parameters) as {FLAGS.format} to "
+          f"{FLAGS.output}; it takes uint8 images (N, {', '.join(str(d) for d in model.inputs[0].shape[1:])})")
 
 
 def run():

@@ -83,7 +83,7 @@ def _atomic_path(path, directory):
         os.close(handle)
         os.unlink(temporary)
         # Keep the suffix Keras checks for (".keras", ".weights.h5").
-        for suffix in (".weights.h5", ".keras", ".json", ".h5", ".npz"):
+        for suffix in (".weights.h5", ".keras", ".json", ".h5", ".npz", ".tflite", ".onnx"):
             if base.endswith(suffix):
                 temporary += suffix
                 break
@@ -207,19 +207,77 @@ def save_arrays(path, arrays):
             np.savez(handle, **arrays)
 
 
-def export_saved_model(model, path):
-    """Exports `model` alone as a TensorFlow SavedModel folder, atomically.
+#: `export_model` formats: Keras' `model.export` names, and what each writes.
+EXPORT_FORMATS = {
+    "tf_saved_model": "a TensorFlow SavedModel folder",
+    "litert": "a LiteRT (TensorFlow Lite) .tflite file",
+    "onnx": "an ONNX .onnx file (needs the tf2onnx and onnx packages)",
+}
+_EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
 
-    The SavedModel has a `serving_default` signature and reloads with
-    `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`.
+
+def serving_signature(model):
+    """The export's input: uint8 images `(N, H, W, C)`, as image files and IDX files hold them.
+
+    The model casts them to its input's float dtype; its own first layer
+    normalises them (see `keras_feed.models.preprocessing`).
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    with atomic_path(path, directory=True) as temporary:
+    if len(model.inputs) != 1:
+        raise ValueError(f"Model '{model.name}' has {len(model.inputs)} inputs; one image input is needed.")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4:
+        raise ValueError(f"Model '{model.name}' takes inputs of shape {shape}; images (N, H, W, C) are needed.")
+    return [tf.TensorSpec((None,) + shape[1:], tf.uint8, name="images")]
+
+
+def export_model(model, path, export_format="tf_saved_model"):
+    """Exports `model` alone with Keras' `model.export`, atomically.
+
+    Every format takes uint8 images `(N, H, W, C)` (`serving_signature`) and
+    gives the model's own outputs (logits, or probabilities for a softmax
+    head). `tf_saved_model` writes a folder with a `serving_default`
+    signature, which reloads with `keras.layers.TFSMLayer(path,
+    call_endpoint="serving_default")`; `litert` a `.tflite` file (run it with
+    `tf.lite.Interpreter` or `ai_edge_litert`); `onnx` an `.onnx` file (run it
+    with onnxruntime). Runs on the TensorFlow backend.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(
+            f"Unknown export format '{export_format}'; choose from {', '.join(EXPORT_FORMATS)}."
+        )
+    suffix = _EXPORT_SUFFIXES.get(export_format)
+    if suffix and not path.endswith(suffix):
+        raise ValueError(f"The {export_format} export is a file ending in {suffix}; got {path}.")
+    if export_format == "onnx":
+        for package in ("tf2onnx", "onnx"):
+            try:
+                __import__(package)
+            except ImportError:
+                raise ValueError(
+                    f"--format=onnx needs the '{package}' package: pip install onnx tf2onnx "
+                    "(and onnxruntime to run the model)."
+                ) from None
+    signature = serving_signature(model)
+    with atomic_path(path, directory=suffix is None) as temporary:
         try:
-            model.export(temporary, format="tf_saved_model", verbose=False)
+            model.export(temporary, format=export_format, verbose=False, input_signature=signature)
         except tf.errors.OpError as error:  # TensorFlow's own file system errors
             raise WriteError(path, _tensorflow_reason(error.message)) from error
+
+
+def export_saved_model(model, path):
+    """Exports `model` alone as a TensorFlow SavedModel folder, atomically.
+
+    Its `serving_default` signature takes uint8 images `(N, H, W, C)` and
+    reloads with `keras.layers.TFSMLayer(path, call_endpoint="serving_default")`
+    (see `export_model`).
+    """
+    export_model(model, path, "tf_saved_model")
 
 
 def _tensorflow_reason(message):

@@ -24,6 +24,7 @@ flags.DEFINE_string("method", "pfeed", "Training method: ce, pfeed, sfeed, kd, f
 flags.DEFINE_string("model", "resnet56", "Student architecture (a keras_feed.models name).")
 flags.DEFINE_string("teacher_model", None, "Teacher architecture; default: the student's.")
 flags.DEFINE_list("teachers", [], "Comma-separated .keras files of trained teachers; empty: train --num_teachers of them.")
+flags.DEFINE_enum("teacher_preprocessing", "auto", ["auto", "dataset", "none"], "What a teacher file (--teachers, or one reused from --teacher_dir) without its own preprocessing layer after its input expects: auto refuses such a file; dataset: images normalised with the dataset's mean and std (every keras-feed 0.1.0 file; the layer is added); none: raw pixels in [0, 255]. A file with the layer is used as it is.")
 flags.DEFINE_integer("num_teachers", 2, "Teachers to train when --teachers is empty.")
 flags.DEFINE_string("teacher_dir", None, "Where trained teachers are kept and reused; default: <model_dir>/teachers.")
 flags.DEFINE_integer("teacher_seed", 100, "Teacher i is trained with seed teacher_seed + i.")

@@ -163,10 +163,15 @@ def plain_cnn(input_shape, num_classes):
 
 
 def pfeed_config(model_dir, teacher, strategy_name):
-    """The pFEED run both programs below train: BN-free student, resnet8 teacher."""
+    """The pFEED run both programs below train: BN-free student, resnet8 teacher.
+
+    The teacher file has no preprocessing layer and takes normalised images, as a
+    keras-feed 0.1.0 file: the run adds the dataset's normalisation to it.
+    """
     return experiment.TrainConfig(
         method="pfeed", dataset="synthetic", model="plain_cnn", train_examples=64,
-        batch_size=GLOBAL_BATCH, epochs=1, teachers=(teacher,), beta=20.0, kd_weight=0.3,
+        batch_size=GLOBAL_BATCH, epochs=1, teachers=(teacher,), teacher_preprocessing="dataset",
+        beta=20.0, kd_weight=0.3,
         learning_rate=0.05, eval_batch_size=64, validation_freq=1, verbose=0, model_dir=model_dir,
         strategy=strategy_name,
     )

@@ -67,7 +67,9 @@ def test_export_holds_the_student_alone_and_matches(pfeed_run):
     model_dir, _ = pfeed_run
     student = storage.load_model(os.path.join(model_dir, "student.keras"))
     layer = keras.layers.TFSMLayer(os.path.join(model_dir, "export"), call_endpoint="serving_default")
-    images = np.random.default_rng(0).normal(size=(8,) + tuple(student.inputs[0].shape[1:])).astype("float32")
+    # The export takes uint8 images, as stored; the normalisation is inside it.
+    images = np.random.default_rng(0).integers(
+        0, 256, size=(8,) + tuple(student.inputs[0].shape[1:])).astype("uint8")
     outputs = layer(images)
     exported = next(iter(outputs.values())) if isinstance(outputs, dict) else outputs
     np.testing.assert_allclose(np.asarray(exported), student.predict(images, verbose=0), atol=1e-5)

@@ -128,15 +128,25 @@ def test_idx_info_shapes_dtypes(idx_data, idx_dir):
     # test() is in file order and unaugmented.
     _, (_, _, x_te, y_te) = idx_dir
     np.testing.assert_array_equal(y.numpy(), y_te[:5])
-    expected = (x_te[:5, ..., None] / 255.0 - info.mean[0]) / info.std[0]
-    np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
+    # Raw pixels, exactly as stored: the models normalise their own inputs.
+    np.testing.assert_array_equal(x.numpy(), x_te[:5, ..., None].astype(np.float32))
 
 
-def test_normalisation_on_train_set(idx_data):
+def test_normalisation_on_train_set(idx_data, idx_dir):
+    # The pipeline gives the raw training pixels; the normalisation layer that
+    # models built for the data carry (info.mean / info.std) makes them zero
+    # mean, unit variance over the training split.
+    from keras_feed.models import preprocessing
+
+    _, (x_tr, _, _, _) = idx_dir
     xs = np.concatenate([x.numpy() for x, _ in idx_data.train_eval(16)])
-    assert xs.shape == (N_TRAIN, SIDE, SIDE, 1)
-    assert abs(xs.mean()) < 1e-4
-    assert abs(xs.std() - 1.0) < 1e-4
+    assert xs.shape == (N_TRAIN, SIDE, SIDE, 1) and xs.dtype == np.float32
+    np.testing.assert_array_equal(xs, x_tr[..., None].astype(np.float32))
+    normalised = np.asarray(preprocessing.normalization(idx_data.info.mean, idx_data.info.std)(xs))
+    assert abs(normalised.mean()) < 1e-4
+    assert abs(normalised.std() - 1.0) < 1e-4
+    assert idx_data.info.mean[0] == pytest.approx(x_tr.mean() / 255.0, rel=1e-9)
+    assert idx_data.info.std[0] == pytest.approx(x_tr.std() / 255.0, rel=1e-6)
 
 
 def test_mnist_from_idx_dir(tmp_path):
@@ -215,7 +225,7 @@ def test_cifar_augmentation_is_pad_crop_flip(kind, idx_data, tmp_path):
     d = idx_data if kind == "idx" else data.load("folder", data_dir=make_folder(tmp_path))
     plain = batches(d.train(8, augment=False), 2)
     aug = batches(d.train(8), 2)
-    pad_value = (0.0 - np.asarray(d.info.mean)) / np.asarray(d.info.std)
+    pad_value = 0.0  # zero padding of the raw pixels
     shifted = 0
     for (xp, yp), (xa, ya) in zip(plain, aug):
         np.testing.assert_array_equal(yp, ya)  # same order with or without augmentation
@@ -595,7 +605,8 @@ def test_tfds_builds_cifar10_offline(tmp_path):
     assert d.info.num_train == 20 and d.info.num_test == 6 and d.info.num_classes == 10
     assert d.info.image_shape == (32, 32, 3) and d.info.mean == data.CIFAR10_MEAN
     batch, labels = next(iter(d.test(6)))
-    pixels = np.rint((batch.numpy() * d.info.std + d.info.mean) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(batch.numpy(), np.rint(batch.numpy()))  # raw pixels
+    pixels = batch.numpy().astype(np.uint8)
     x_test, y_test = expected["test"]
     # TFDS may order a split differently from its source files: match images by content.
     by_bytes = {image.tobytes(): label for image, label in zip(x_test, y_test)}

@@ -441,6 +441,7 @@ def inputs(tmp_path_factory):
         "no_features": save_teacher(folder / "nofeat.keras", feature_layer="last_relu"),
         "grey_input": save_teacher(folder / "grey.keras", shape=(28, 28, 1)),
         "inf_features": save_teacher(folder / "inf.keras", kernel_value=1e30),
+        "plain": save_teacher(folder / "plain.keras"),
         "truncated_idx": idx_folder(folder / "idx_truncated", truncate=True),
         "short_labels": idx_folder(folder / "idx_short", labels_short=True),
         "corrupt_png": image_folder(str(folder / "png_corrupt"), corrupt="train/b/3.png"),
@@ -473,6 +474,7 @@ BAD_INPUTS = [
     ("teacher_missing_feature_layer", ["--teachers={no_features}"], "'features'"),
     ("teacher_wrong_input_shape", ["--teachers={grey_input}"], "(28, 28, 1)"),
     ("teacher_with_code_refused", ["--teachers={lambda}"], "--unsafe_load"),
+    ("teacher_input_convention_unknown", ["--teachers={plain}"], "--teacher_preprocessing=dataset"),
     ("student_layer_not_a_map", ["--student_layer=logits"], "(batch, H, W, C)"),
     ("idx_truncated", ["--dataset=idx", "--data_dir={truncated_idx}"], "truncated"),
     ("idx_label_count", ["--dataset=idx", "--data_dir={short_labels}"], "labels"),
@@ -484,8 +486,10 @@ BAD_INPUTS = [
 # Runs that must work (or fail) in training; {own} -> a fresh model_dir of their own.
 OTHER_RUNS = {
     "finished_rerun": RUN + ["--model_dir={done}"],
-    "unsafe_load_accepted": SMALL + ["--teachers={lambda}", "--unsafe_load", "--model_dir={own}"],
-    "non_finite_teacher": SMALL + ["--teachers={inf_features}", "--model_dir={own}"],
+    "unsafe_load_accepted": SMALL + ["--teachers={lambda}", "--unsafe_load", "--teacher_preprocessing=none",
+                                     "--model_dir={own}"],
+    "non_finite_teacher": SMALL + ["--teachers={inf_features}", "--teacher_preprocessing=none",
+                                   "--model_dir={own}"],
     "divergence": ["--method=ce", "--dataset=synthetic", "--model=resnet8", "--train_examples=128",
                    "--batch_size=16", "--epochs=2", "--learning_rate=1000", "--checkpoint_steps=1",
                    "--verbose=0", "--model_dir={own}"],

@@ -1,6 +1,7 @@
 """keras_feed.storage: a write that fails names the file being written."""
 
 import errno
+import importlib.util
 import os
 import resource
 import subprocess
@@ -26,7 +27,10 @@ WRITERS = {
     "ntl.weights.h5": lambda model, path: storage.save_weights(model, path),
     "state.npz": lambda model, path: storage.save_arrays(path, {"zeros": np.zeros(10000)}),
     "export": lambda model, path: storage.export_saved_model(model, path),
+    "student.tflite": lambda model, path: storage.export_model(model, path, "litert"),
 }
+if importlib.util.find_spec("tf2onnx") and importlib.util.find_spec("onnx"):
+    WRITERS["student.onnx"] = lambda model, path: storage.export_model(model, path, "onnx")
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
@@ -94,7 +98,7 @@ def test_write_errors_are_one_line_on_the_command_line(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "keras_feed.export", f"--student={source}",
-         f"--export_dir={export_dir}"],
+         f"--export_dir={export_dir}", "--preprocessing=none"],
         capture_output=True, text=True, timeout=300, preexec_fn=small_files,
     )
     assert result.returncode == 1

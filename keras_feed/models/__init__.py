@@ -9,16 +9,20 @@ Usage::
 
 API:
 
-* :func:`build` ``(name, *, input_shape, num_classes, seed=None)`` returns a
-  functional ``keras.Model`` named after the architecture, mapping
-  channels-last images to float32 logits ``(batch, num_classes)`` (no
+* :func:`build` ``(name, *, input_shape, num_classes, seed=None, mean=None,
+  std=None)`` returns a functional ``keras.Model`` named after the
+  architecture, mapping channels-last images to float32 logits
+  ``(batch, num_classes)`` (no
   softmax; float32 also under a ``mixed_float16`` policy). Every model has a
   layer named ``"features"`` (a ``ReLU`` layer) whose output is the final
   feature map ``(batch, H, W, C)`` before global average pooling; it is
   followed by ``GlobalAveragePooling2D`` and ``Dense(num_classes)``. Under
   a mixed-precision policy the features are float16. ``seed`` makes the
   initial weights reproducible (see :func:`build`). Unknown names raise
-  ``ValueError`` listing the known names.
+  ``ValueError`` listing the known names. With ``mean`` and ``std`` (the
+  dataset's, in [0, 1] units) the model takes raw pixels in [0, 255] and
+  normalises them in its first layer, ``"preprocessing"``
+  (:mod:`.preprocessing`); every model keras-feed trains is built so.
 * :func:`names` sorted list of the registered names and the common members
   of the parametric families; :func:`families` the family patterns.
 * :func:`register` ``(name)`` decorator adding a builder
@@ -45,6 +49,7 @@ padding) are described in :mod:`keras_feed.models.common`.
 """
 
 from keras_feed.models.common import FEATURES_LAYER
+from keras_feed.models import preprocessing
 from keras_feed.models.registry import (
     build,
     families,
@@ -67,6 +72,7 @@ __all__ = [
     "families",
     "get_builder",
     "names",
+    "preprocessing",
     "register",
     "register_family",
 ]

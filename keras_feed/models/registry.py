@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import keras
 
 from keras_feed.models import common
+from keras_feed.models import preprocessing
 
 Builder = Callable[[Tuple[Optional[int], ...], int], keras.Model]
 
@@ -156,6 +157,8 @@ def build(
     input_shape: Sequence[Optional[int]],
     num_classes: int,
     seed: Optional[int] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ) -> keras.Model:
     """Build the architecture ``name`` as a functional ``keras.Model``.
 
@@ -173,6 +176,14 @@ def build(
         and restored afterwards, which also makes user-registered builders
         deterministic. TensorFlow's global seed is not touched.
         ``None`` gives fresh random weights.
+      mean, std: per-channel input statistics in [0, 1] pixel units (e.g.
+        ``DatasetInfo.mean`` and ``.std``; one value per channel). Given, the
+        model takes raw pixels in [0, 255] (uint8 or float) and normalises
+        them itself, ``(x / 255 - mean) / std``, in its first layer after the
+        input, named ``"preprocessing"`` (see
+        :mod:`keras_feed.models.preprocessing`). ``None`` (both): no such
+        layer, the model takes its inputs as they come. The layer has no
+        weights and draws no seed: the other weights are the same either way.
 
     Returns:
       A ``keras.Model`` named after the architecture, mapping images to
@@ -182,13 +193,24 @@ def build(
 
     Raises:
       ValueError: unknown name (the message lists the known names), invalid
-        family parameters, or invalid ``input_shape`` / ``num_classes``.
+        family parameters, or invalid ``input_shape`` / ``num_classes`` /
+        ``mean`` / ``std``.
     """
     builder = get_builder(name)
     shape = _normalize_shape(input_shape)
     num_classes = common.check_positive_int(_as_int(num_classes), "num_classes")
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: give both or neither.")
+    if mean is not None:
+        layer = preprocessing.normalization(mean, std)  # checks them before building
+        if len(layer.scale) not in (1, shape[-1]):
+            raise ValueError(
+                f"mean and std have {len(layer.scale)} values; the input has {shape[-1]} channels."
+            )
     with common.seed_scope(None if seed is None else _as_int(seed)):
         model = builder(shape, num_classes)
     if not isinstance(model, keras.Model):
         raise TypeError(f"builder for {name!r} returned {type(model).__name__}")
+    if mean is not None:
+        model = preprocessing.add(model, mean, std)
     return model
