@@ -24,8 +24,13 @@ setuptools.setup(
         "numpy",
         "matplotlib",
     ],
+    # onnx: keras-feed-export --format=onnx (tf2onnx, through Keras' model.export)
+    # and running the .onnx file (onnxruntime; keras-feed-eval reads it).
     # jax[cpu]: the tests run the distiller's core on the JAX backend as well.
-    extras_require={"test": ["pytest>=7", "jax[cpu]"]},
+    extras_require={
+        "onnx": ["onnx>=1.14", "tf2onnx>=1.16", "onnxruntime>=1.17"],
+        "test": ["pytest>=7", "jax[cpu]", "onnx>=1.14", "tf2onnx>=1.16", "onnxruntime>=1.17"],
+    },
     entry_points={
         "console_scripts": [
             "keras-feed-train=keras_feed.train:run",
