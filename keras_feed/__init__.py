@@ -2,7 +2,9 @@
 
     import keras_feed as kf
 
-    student = kf.models.build("resnet20", input_shape=(32, 32, 3), num_classes=100)
+    data = kf.data.load("cifar100")
+    student = kf.models.build("resnet20", input_shape=(32, 32, 3), num_classes=100,
+                              mean=data.info.mean, std=data.info.std)
     distiller = kf.FEEDDistiller(student, teachers, beta=500.0)
     distiller.compile(optimizer="sgd", metrics=["accuracy"])
 
@@ -10,8 +12,10 @@ The main entry points:
 
 - `FEEDDistiller`: a `keras.Model` that trains a student from frozen teachers
   through parallel non-linear transformation layers (NTLs).
-- `kf.models.build(name, input_shape=..., num_classes=...)`: the model zoo.
-- `kf.data.load(name, ...)`: tf.data pipelines.
+- `kf.models.build(name, input_shape=..., num_classes=..., mean=..., std=...)`:
+  the model zoo; with the dataset's mean and std a model normalises its raw
+  pixel input itself (`kf.models.preprocessing`).
+- `kf.data.load(name, ...)`: tf.data pipelines of raw pixels.
 - `kf.losses`: `feed_loss`, `kd_loss`, `ft_loss`.
 - `kf.translators`: the NTL (`Translator`) and Factor Transfer's paraphraser.
 - `kf.frozen`: features by layer name or path, logits of softmax heads,

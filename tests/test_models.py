@@ -355,3 +355,68 @@ def test_save_and_reload_safe_mode(tmp_path, name, input_shape):
         keras.ops.convert_to_numpy(reloaded(x, training=False)), expected,
         rtol=1e-5, atol=1e-5,
     )
+
+
+# --------------------------------------------------------------------------
+# Input normalisation (keras_feed.models.preprocessing)
+
+
+def test_mean_and_std_add_a_normalising_first_layer(tmp_path):
+    from keras_feed.models import preprocessing
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain = models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=3)
+    model = models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=3,
+                         mean=mean, std=std)
+    assert preprocessing.find(plain) is None
+    assert preprocessing.find(model) is model.layers[1] and model.layers[1].name == "preprocessing"
+    assert model.name == plain.name and model.count_params() == plain.count_params()
+    assert model.get_layer("features").output.shape == plain.get_layer("features").output.shape
+    for with_layer, without in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(with_layer, without)  # the layer draws no seed
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3)).astype("uint8")
+    normalised = ((images / 255.0 - np.array(mean)) / np.array(std)).astype("float32")
+    expected = plain.predict(normalised, verbose=0)
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    # The same network wrapped afterwards, its layers shared: a 0.1.0 file made raw-pixel.
+    wrapped = preprocessing.add(plain, mean, std)
+    assert wrapped.get_layer("features") is plain.get_layer("features")
+    np.testing.assert_allclose(wrapped.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(mean=(0.5,) * 3), "mean and std go together"),
+        (dict(mean=(0.5, 0.5), std=(0.2, 0.2)), "2 values; the input has 3 channels"),
+        (dict(mean=(0.5,) * 3, std=(0.2, 0.0, 0.2)), "std > 0"),
+    ],
+)
+def test_bad_mean_or_std_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, **kwargs)
+
+
+def test_raw_pixel_model_follows_the_stated_convention():
+    from keras_feed.models import preprocessing
+
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.ReLU(name="features")(keras.layers.Conv2D(2, 3)(inputs))
+    plain = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(features)))
+    statistics = lambda: ((0.5,), (0.25,))  # noqa: E731
+    kwargs = dict(statistics=statistics, what="Model m", flag="--flag")
+    with pytest.raises(ValueError, match="Model m has no preprocessing layer.*--flag=dataset"):
+        preprocessing.raw_pixel_model(plain, "auto", **kwargs)
+    assert preprocessing.raw_pixel_model(plain, "none", **kwargs) is plain
+    wrapped = preprocessing.raw_pixel_model(plain, "dataset", **kwargs)
+    assert preprocessing.find(wrapped).name == "preprocessing"
+    # A model with its own layer is used as it is, whatever the convention says.
+    for convention in preprocessing.CONVENTIONS:
+        assert preprocessing.raw_pixel_model(wrapped, convention, **kwargs) is wrapped
+    sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255.0),
+                                   keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert isinstance(preprocessing.find(sequential), keras.layers.Rescaling)
