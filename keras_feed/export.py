@@ -45,6 +45,9 @@ def load_student():
     from keras_feed.models import preprocessing
 
     def statistics():
+        if not cli.flags_given("dataset"):
+            raise ValueError("--preprocessing=dataset needs --dataset (and --data_dir): its "
+                             "training split's mean and std are what the student expects.")
         info = data_lib.describe(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
         return info.mean, info.std
 

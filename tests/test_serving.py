@@ -373,3 +373,20 @@ def test_study_teachers_of_0_1_0_keep_their_recorded_accuracy():
     labels = np.concatenate([y.numpy() for _, y in fashion.test(500)])
     logits = teacher.predict(fashion.test(500).map(lambda x, y: x), verbose=0)
     assert accuracy(logits, labels) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_export_command_on_an_old_student(run, idx_dir, old_files, tmp_path):
+    _, metrics = run
+    export_dir = str(tmp_path / "export")
+    command = [sys.executable, "-m", "keras_feed.export", f"--student={old_files['student']}",
+               f"--export_dir={export_dir}"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert refused.returncode == 1 and not os.path.exists(export_dir)
+    assert "--preprocessing=dataset" in refused.stderr.strip().splitlines()[-1]
+    result = subprocess.run(command + ["--preprocessing=dataset", "--dataset=idx", f"--data_dir={idx_dir[0]}"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    images, labels = stored_test_split(idx_dir)
+    served = keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default")(images)
+    served = next(iter(served.values())).numpy() if isinstance(served, dict) else served.numpy()
+    assert accuracy(served, labels) == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)
