@@ -21,6 +21,35 @@ def tiny_net(name, *, width=8, classes=5, input_shape=(16, 16, 3), strides=1, se
     return keras.Model(inputs, outputs, name=name)
 
 
+def count_real_passes(calls):
+    """Appends 1 to `calls` when a real batch passes here (not in Keras' symbolic build).
+
+    On JAX every pass in a step is traced (for the gradient, if not by XLA): a
+    debug callback runs with each real one, never at `jax.eval_shape`.
+    """
+    if keras.backend.backend() == "jax":
+        import jax  # noqa: PLC0415 (the backend in use)
+
+        jax.debug.callback(lambda: calls.append(1), ordered=True)
+        return
+    import tensorflow as tf  # noqa: PLC0415
+
+    calls.extend([1] if tf.executing_eagerly() else [])
+
+
+def forward_passes(layer):
+    """A list that gets one entry each time a real batch passes through `layer`."""
+    calls = []
+    original = layer.call
+
+    def counted(inputs, *args, **kwargs):
+        count_real_passes(calls)
+        return original(inputs, *args, **kwargs)
+
+    layer.call = counted
+    return calls
+
+
 def snapshot(folder):
     """Every file below `folder` with its size and modification time."""
     state = {}

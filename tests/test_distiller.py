@@ -3,28 +3,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_net
+from conftest import forward_passes, tiny_net
 from keras_feed import FEEDDistiller
 
 tensorflow_only = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="TensorFlow checkpoints"
 )
-
-
-def count_real_passes(calls):
-    """Appends 1 to `calls` when a real batch passes here (not in Keras' symbolic build).
-
-    On JAX every pass in a step is traced (for the gradient, if not by XLA): a
-    debug callback runs with each real one, never at `jax.eval_shape`.
-    """
-    if keras.backend.backend() == "jax":
-        import jax  # noqa: PLC0415 (the backend in use)
-
-        jax.debug.callback(lambda: calls.append(1), ordered=True)
-        return
-    import tensorflow as tf  # noqa: PLC0415
-
-    calls.extend([1] if tf.executing_eagerly() else [])
 
 
 def make_teachers(count, classes=4):
@@ -78,14 +62,7 @@ def test_distiller_learns_and_teachers_stay_frozen(learnable_task):
 def test_student_runs_once_per_step(learnable_task):
     images, labels = learnable_task
     student = tiny_net("student", classes=4)
-    features = student.get_layer("features")
-    calls = []
-    original = features.call
-    def counted(inputs, *args, **kwargs):  # real batches only, not Keras' symbolic build
-        count_real_passes(calls)
-        return original(inputs, *args, **kwargs)
-
-    features.call = counted
+    calls = forward_passes(student.get_layer("features"))
     distiller = compiled(FEEDDistiller(student, make_teachers(2), beta=1.0), run_eagerly=True)
     distiller.fit(images[:96], labels[:96], batch_size=32, epochs=1, verbose=0)
     assert len(calls) == 3  # 3 steps, one student forward pass each

@@ -16,8 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_feed as kf
-from conftest import tiny_net
-from test_distiller import count_real_passes
+from conftest import forward_passes, tiny_net
 from keras_feed import FEEDDistiller, experiment, frozen, losses
 
 SHAPE = (32, 32, 3)
@@ -242,14 +241,7 @@ def test_student_runs_once_per_step_when_loaded_from_a_keras_file(tmp_path):
     path = str(tmp_path / "student.keras")
     sequential("student", softmax=True).save(path)
     student = keras.models.load_model(path)
-    features = student.get_layer("features")
-    calls = []
-    original = features.call
-    def counted(inputs, *args, **kwargs):  # real batches only, not Keras' symbolic build
-        count_real_passes(calls)
-        return original(inputs, *args, **kwargs)
-
-    features.call = counted
+    calls = forward_passes(student.get_layer("features"))
     distiller = FEEDDistiller(student, [sequential("t", softmax=True, seed=4)], beta=1.0)
     distiller.compile(optimizer=sgd(), metrics=["accuracy"], run_eagerly=True)
     distiller.fit(images, labels, batch_size=8, epochs=1, verbose=0)
