@@ -135,3 +135,34 @@ if __name__ == "__main__":  # one side of the comparison, on the backend it runs
     with open(os.path.join(folder, "jax_logs.json"), "w") as handle:
         json.dump(logs, handle)
     np.savez(os.path.join(folder, "jax_weights.npz"), **{f"w{i}": w for i, w in enumerate(weights)})
+
+
+WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
+import numpy as np, keras
+import keras_feed as kf
+student = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=0)
+teacher = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=1)
+distiller = kf.FEEDDistiller(student, [teacher], beta=10.0, kd_weight=0.3, weight_decay=5e-4)
+distiller.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
+rng = np.random.default_rng(0)
+images = rng.uniform(0, 255, size=(32, 16, 16, 3)).astype("float32")
+labels = rng.integers(0, 4, size=32)
+history = distiller.fit(images, labels, batch_size=16, epochs=1, verbose=0).history
+assert np.isfinite(history["loss"][-1]) and {"feed_loss_0", "kd_loss"} <= set(history)
+assert distiller.predict(images[:3], verbose=0).shape == (3, 4)
+assert "tensorflow" not in {name.split(".")[0] for name, module in sys.modules.items() if module}
+print("ok", keras.backend.backend())
+"""
+
+
+def test_the_core_runs_where_tensorflow_cannot_be_imported():
+    """`import keras_feed`, the zoo, the distiller and `fit` on numpy, TensorFlow blocked."""
+    skip_unless_tensorflow_with_jax()
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW], cwd=ROOT, env=jax_environment(),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["ok", "jax"]
