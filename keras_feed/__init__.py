@@ -32,8 +32,8 @@ import importlib
 __version__ = "0.2.0"
 
 _SUBMODULES = (
-    "analysis", "checkpointing", "data", "distiller", "distribute", "experiment",
-    "factor_transfer", "frozen", "losses", "methods", "models", "storage",
+    "analysis", "arrays", "checkpointing", "data", "distiller", "distribute", "experiment",
+    "factor_transfer", "frozen", "idx", "losses", "methods", "models", "storage",
     "training_backend", "translators",
 )
 
