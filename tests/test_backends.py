@@ -166,3 +166,53 @@ def test_the_core_runs_where_tensorflow_cannot_be_imported():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["ok", "jax"]
+
+
+DATA_PARALLEL = """
+import json, sys
+import jax, keras, numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_net
+import keras_feed as kf
+
+
+def fitted(distribution):
+    keras.distribution.set_distribution(distribution)
+    teachers = [tiny_net(f"t{i}", width=6 + 2 * i, classes=4, seed=10 + i) for i in range(2)]
+    keras.utils.set_random_seed(1)  # the NTLs
+    distiller = kf.FEEDDistiller(tiny_net("s", classes=4, seed=0), teachers, beta=20.0, kd_weight=0.3,
+                                 weight_decay=5e-4)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, 4, 64)
+    history = distiller.fit(images, labels, batch_size=16, epochs=2, verbose=0, shuffle=False).history
+    devices = len(distiller.student.weights[0].value.sharding.device_set)
+    return history, [np.asarray(w).tolist() for w in distiller.weights], devices
+
+
+one = fitted(None)
+two = fitted(keras.distribution.DataParallel(devices=jax.devices()))
+print(json.dumps({"one": one, "two": two, "devices": len(jax.devices())}))
+"""
+
+
+def test_data_parallel_on_two_jax_devices_matches_one():
+    """`keras.distribution.DataParallel` over 2 CPU devices: the same logs and weights."""
+    skip_unless_tensorflow_with_jax()
+    env = jax_environment()
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2"
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL, TESTS], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(result.stdout.strip().splitlines()[-1])
+    (one_history, one_weights, one_devices), (two_history, two_weights, two_devices) = runs["one"], runs["two"]
+    assert runs["devices"] == 2 and (one_devices, two_devices) == (1, 2)
+    assert set(one_history) == set(two_history) >= {"loss", "student_loss", "feed_loss_0", "kd_loss"}
+    # As the mirrored TensorFlow test: 1e-4 (the devices sum their halves in another order).
+    for name, values in one_history.items():
+        np.testing.assert_allclose(two_history[name], values, rtol=1e-4, atol=1e-5, err_msg=name)
+    for expected, got in zip(one_weights, two_weights):  # BatchNorm statistics too
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
