@@ -268,9 +268,7 @@ class Experiment:
             self.checked_models["teachers"] = teachers
 
     def _check_teacher(self, teacher, student):
-        student_shape = frozen.extractor(
-            student, self.config.student_layer, role="Student", name="check"
-        ).outputs[2].shape[1:]
+        student_shape = frozen.feature_shape(student, self.config.student_layer, role="Student")
         extractor = frozen.extractor(
             teacher, self.config.teacher_layer, role="Teacher", name="check"
         )
@@ -286,9 +284,7 @@ class Experiment:
                 f"Teacher '{teacher.name}' takes inputs {teacher_input}; the data "
                 f"gives {self.input_shape}."
             )
-        self.method.check_shapes(
-            tuple(student_shape), tuple(extractor.outputs[2].shape[1:])
-        )
+        self.method.check_shapes(student_shape, tuple(extractor.outputs[2].shape[1:]))
 
     def _raw_pixel_teacher(self, teacher, path):
         """The teacher read from `path`, taking raw pixels as the data gives them.
@@ -696,7 +692,7 @@ def describe_plan(experiment):
     student = experiment.checked_models["student"]
     teachers = experiment.checked_models["teachers"]
     steps = info.num_train // config.batch_size
-    student_shape = tuple(student.get_layer(config.student_layer).output.shape[1:])
+    student_shape = frozen.feature_shape(student, config.student_layer, role="Student")
     lines = [
         f"method {config.method} on {info.name}: {info.num_train} training / {info.num_test} "
         f"test examples, images {info.image_shape}, {info.num_classes} classes",
@@ -710,7 +706,7 @@ def describe_plan(experiment):
     if teachers:
         count = experiment.method.teacher_count(config)
         teacher = teachers[0]
-        teacher_shape = tuple(teacher.get_layer(config.teacher_layer).output.shape[1:])
+        teacher_shape = frozen.feature_shape(teacher, config.teacher_layer, role="Teacher")
         origin = (
             f"{len(config.teachers)} from files (--teacher_preprocessing={config.teacher_preprocessing})"
             if config.teachers

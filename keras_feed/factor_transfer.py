@@ -115,7 +115,7 @@ class DivergenceGuard(keras.callbacks.Callback):
 
 def new_paraphraser(teacher, *, teacher_layer, rate, batchnorm=False, name=None):
     """A `Paraphraser` sized for `teacher`'s map, built eagerly."""
-    shape = teacher.get_layer(teacher_layer).output.shape[1:]
+    shape = frozen.feature_shape(teacher, teacher_layer, role="Teacher")
     paraphraser = translators.Paraphraser(shape[-1], rate=rate, batchnorm=batchnorm, name=name)
     paraphraser.build((None,) + tuple(shape))
     return paraphraser

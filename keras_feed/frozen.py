@@ -229,6 +229,11 @@ def extractor(model, layer="features", *, role="Model", name=None):
     return keras.Model(inputs, [predictions, logits, features], name=name or f"{model.name}_extractor")
 
 
+def feature_shape(model, layer="features", *, role="Model"):
+    """`(H, W, C)` of the feature map `extractor(model, layer)` gives (name or path)."""
+    return tuple(extractor(model, layer, role=role).outputs[2].shape[1:])
+
+
 # -- inference twins: Conv2D + BatchNormalization folded ----------------------
 
 
