@@ -21,7 +21,8 @@ The main entry points:
 - `kf.frozen`: features by layer name or path, logits of softmax heads,
   inference twins of frozen networks.
 - `kf.checkpointing.StageCheckpoint`: crash-safe, exact resume for `fit`.
-- `kf.experiment.run(TrainConfig(...))`: a whole run, as the CLI does it.
+- `kf.experiment.run(kf.TrainConfig(...))`: a whole run, as the CLI does it
+  (`kf.config`: its settings; `kf.stages`: its stages; `kf.methods`: the methods).
 
 Every submodule (and TensorFlow with it) is imported on first use, so that
 the command-line tools can set up logging before TensorFlow loads.
@@ -32,16 +33,16 @@ import importlib
 __version__ = "0.2.0"
 
 _SUBMODULES = (
-    "analysis", "arrays", "checkpointing", "data", "distiller", "distribute", "experiment",
-    "factor_transfer", "frozen", "idx", "losses", "methods", "models", "storage",
-    "training_backend", "translators",
+    "analysis", "arrays", "checkpointing", "config", "data", "distiller", "distribute",
+    "experiment", "factor_transfer", "frozen", "idx", "interrupts", "losses", "methods",
+    "models", "reporting", "stages", "storage", "training_backend", "translators",
 )
 
 _NAMES = {
     "FEEDDistiller": ("keras_feed.distiller", "FEEDDistiller"),
     "Translator": ("keras_feed.translators", "Translator"),
     "feed_loss": ("keras_feed.losses", "feed_loss"),
-    "TrainConfig": ("keras_feed.experiment", "TrainConfig"),
+    "TrainConfig": ("keras_feed.config", "TrainConfig"),
     "StageCheckpoint": ("keras_feed.checkpointing", "StageCheckpoint"),
 }
 

@@ -17,9 +17,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_feed import frozen
-from keras_feed import experiment
+from keras_feed import config as config_lib
 from keras_feed import losses
+from keras_feed import methods
 from keras_feed import storage
+from keras_feed import translators as translators_lib
 from keras_feed.models import preprocessing
 
 class RunParts:
@@ -40,12 +42,13 @@ class RunParts:
             raise ValueError(f"No metrics.json in {run_dir}: not a finished keras-feed run.")
         with open(metrics_path, encoding="utf-8") as handle:
             metrics = json.load(handle)
-        if metrics.get("method") in ("ce", "kd", "ft"):
+        method = methods.get(metrics.get("method", "pfeed"))
+        if not method.plan(config_lib.from_record(metrics.get("config", {}))).writes_feed_translators:
             raise ValueError(
                 f"Run {run_dir} was trained with --method={metrics['method']}: it has no "
                 "FEED NTLs to analyse."
             )
-        self.translators = experiment.load_translators(
+        self.translators = translators_lib.load_translators(
             os.path.join(run_dir, "translators.weights.h5")
         )
         teacher_paths = metrics.get("teacher_paths") or []

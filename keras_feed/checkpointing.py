@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_feed import interrupts
 from keras_feed import storage
 
 STATE_FILE = "state.npz"
@@ -49,15 +50,6 @@ RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 FORMAT = 2  # 2: the metrics' variables after the trainer's and optimizer's ("core")
-
-#: Settings that may change between a run and its resumption: they change
-#: neither what is trained nor how, only where and how it is reported (a
-#: pre-empted job may come back on other hardware, e.g. a TPU of a new name).
-RESUMABLE_SETTINGS = (
-    "checkpoint_steps", "dry_run", "model_dir", "unsafe_load", "verbose",
-    "strategy", "tpu", "tpu_zone", "gcp_project",
-)
-
 
 class NonFiniteLossError(ValueError):
     """Training produced a non-finite loss (or weights); the run was stopped."""
@@ -91,9 +83,16 @@ def remove_checkpoints(model_dir):
 
 
 def comparable_settings(config):
-    """The config as JSON values, without the settings a resumption may change."""
+    """The config as JSON values, without the settings a resumption may change.
+
+    Those are the fields marked `resumable` (`keras_feed.config.setting`): they
+    change neither what is trained nor how, only where and how it is reported
+    (a pre-empted job may come back on other hardware, e.g. a TPU of a new name).
+    """
     values = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {k: v for k, v in values.items() if k not in RESUMABLE_SETTINGS}
+    resumable = {field.name for field in dataclasses.fields(config)
+                 if field.metadata.get("resumable")}
+    return {k: v for k, v in values.items() if k not in resumable}
 
 
 def setting_differences(recorded, config):
@@ -246,10 +245,11 @@ _TRAINING = []
 def interruption_message():
     """Where a run stopped by Ctrl-C or SIGTERM stood, in one line.
 
-    No checkpoint is written at the interruption (a signal can land anywhere,
-    also inside a write): a rerun of the same command resumes from the stage's
-    last periodic checkpoint (each epoch's end, and every `--checkpoint_steps`),
-    which the interruption leaves as it was.
+    Inside a stage's `fit`, the signal takes effect at the end of the step it
+    lands in, after a checkpoint of that step is written: a rerun of the same
+    command resumes from there. A second signal before that stops at once; the
+    rerun then resumes from the last checkpoint on disk (each epoch's end, every
+    `--checkpoint_steps`, and the interruption's own, if it was written).
     """
     checkpoint = _TRAINING[0] if _TRAINING else None
     if checkpoint is None:
@@ -466,14 +466,17 @@ class StageCheckpoint(keras.callbacks.Callback):
                 f"term '{bad[0]}' is {bad[1]}. {self._kept()}"
             )
         end_of_epoch = self.step % self.steps_per_epoch == 0
-        if self.every_steps and self.step % self.every_steps == 0 and not end_of_epoch:
-            self.save()
+        periodic = self.every_steps and self.step % self.every_steps == 0
+        if (periodic or interrupts.pending()) and not end_of_epoch:
+            self.save()  # also when Ctrl-C or SIGTERM came during the step: no step is lost
+        interrupts.check()  # ... which then stops the run here
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append(float(value))
         self.step = (epoch + 1) * self.steps_per_epoch
         self.save()
+        interrupts.check()
 
     def summary(self, batch_size):
         """The stage's record for `metrics.json`: epochs, time, throughput, history."""
@@ -538,14 +541,15 @@ def fit_resumable(model, data, *, folder, epochs, steps_per_epoch, every_steps=0
             epoch_data = {"x": data(initial_epoch, skip_batches)}
         else:
             epoch_data = dict(zip(("x", "y"), data)) if isinstance(data, tuple) else {"x": data}
-        model.fit(
-            **epoch_data,
-            initial_epoch=initial_epoch,
-            epochs=end_epoch,
-            steps_per_epoch=steps_per_epoch - skip_batches,
-            callbacks=[checkpoint, *callbacks],
-            **fit_kwargs,
-        )
+        with interrupts.deferred():  # signals are taken between steps, not inside one
+            model.fit(
+                **epoch_data,
+                initial_epoch=initial_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps_per_epoch - skip_batches,
+                callbacks=[checkpoint, *callbacks],
+                **fit_kwargs,
+            )
     return checkpoint
 
 

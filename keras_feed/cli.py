@@ -4,6 +4,8 @@ import os
 import signal
 import sys
 
+from keras_feed import interrupts
+
 # Before TensorFlow loads: keep its C++ start-up chatter out of the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,29 +22,19 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
-class Terminated(BaseException):
-    """Raised in the main thread by SIGTERM, as `KeyboardInterrupt` is by Ctrl-C.
-
-    A `BaseException`, so that no `except Exception` on the way swallows it: it
-    unwinds the program like Ctrl-C does, releasing locks and removing
-    half-written files on the way.
-    """
-
-
-def _raise_terminated(signum, frame):
-    del signum, frame
-    raise Terminated()
+Terminated = interrupts.Terminated  # SIGTERM's exception (see keras_feed.interrupts)
 
 
 def main_with_errors(program, body, interrupted=None):
     """Runs `body()`; a `ValueError` or `OSError` becomes one line and exit 1.
 
     Ctrl-C and SIGTERM stop it with one line, `<program>: <interrupted()>`
-    (default "interrupted"), and exit 130 or 143.
+    (default "interrupted"), and exit 130 or 143. Inside a training loop they
+    take effect at the next batch boundary (`keras_feed.interrupts`).
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return body()
+        with interrupts.installed():
+            return body()
     except (ValueError, OSError) as error:
         fail(program, error)
     except (KeyboardInterrupt, Terminated) as interruption:
@@ -50,9 +42,6 @@ def main_with_errors(program, body, interrupted=None):
         message = interrupted() if interrupted else "interrupted"
         print(f"{program}: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED)
-    finally:
-        if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def flags_parser(program):
@@ -76,30 +65,37 @@ def flags_parser(program):
     return parse
 
 
-def define_data_flags():
-    """Defines --dataset, --data_dir and --image_size, named alike by every command."""
+def define_config_flags(names=None):
+    """Defines a flag for each `TrainConfig` field (or those in `names`), once.
+
+    The flags are derived from the fields (`keras_feed.config.flag_specs`): their
+    names, defaults, help and choices are the fields'.
+    """
     from absl import flags
 
-    if "dataset" in flags.FLAGS:
-        return
-    flags.DEFINE_string(
-        "dataset", "cifar100",
-        "cifar10, cifar100, imagenet2012, fashion_mnist, mnist (tfds or an IDX --data_dir), "
-        "idx, folder, synthetic.",
-    )
-    flags.DEFINE_string("data_dir", None, "tfds data dir, or a folder of IDX files / class sub-folders.")
-    flags.DEFINE_integer("image_size", None, "Image size for imagenet2012 and folder datasets.")
+    from keras_feed import config
+
+    define = {
+        "string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+        "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list,
+    }
+    for spec in config.flag_specs(names):
+        if spec.name in flags.FLAGS:
+            continue
+        if spec.kind == "enum":
+            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help)
+        else:
+            define[spec.kind](spec.name, spec.default, spec.help)
+
+
+def define_data_flags():
+    """Defines --dataset, --data_dir and --image_size, named alike by every command."""
+    define_config_flags(("dataset", "data_dir", "image_size"))
 
 
 def define_unsafe_load_flag():
     """Defines --unsafe_load: allow model files that carry code."""
-    from absl import flags
-
-    if "unsafe_load" not in flags.FLAGS:
-        flags.DEFINE_bool(
-            "unsafe_load", False,
-            "Allow .keras files that carry code (Lambda layers). Only for files you trust.",
-        )
+    define_config_flags(("unsafe_load",))
 
 
 def define_preprocessing_flag():

@@ -1,6 +1,12 @@
-"""FEED's non-linear transformation layer (NTL) and Factor Transfer's paraphraser."""
+"""FEED's non-linear transformation layer (NTL), Factor Transfer's paraphraser, and the
+persistence of a run's NTLs (`save_translators`, `load_translators`)."""
+
+import json
+import os
 
 import keras
+
+from keras_feed import storage
 
 _LEAKY_SLOPE = 0.1
 
@@ -233,3 +239,45 @@ class Paraphraser(keras.Model):
             "rate": self.rate,
             "batchnorm": self.batchnorm,
         }
+
+
+# -- persistence: the NTLs of a run, beside their shapes -----------------------
+
+
+class TranslatorBank(keras.Model):
+    """The NTLs of a distiller, as one model so their weights save together."""
+
+    def __init__(self, translators, **kwargs):
+        super().__init__(**kwargs)
+        self.translators = list(translators)
+        self.built = True
+
+
+def save_translators(distiller, path):
+    """Writes the NTLs' weights and, beside them, the shapes to rebuild them."""
+    bank = TranslatorBank(distiller.translators)
+    storage.save_weights(bank, path)
+    spec = [
+        {
+            "input_shape": list(distiller.student_feature_shape),
+            "config": translator.get_config(),
+        }
+        for translator in distiller.translators
+    ]
+    storage.write_json(path.replace(".weights.h5", ".json"), spec)
+
+
+def load_translators(path):
+    """Rebuilds the NTLs saved by `save_translators` and loads their weights."""
+    spec_path = path.replace(".weights.h5", ".json")
+    if not (os.path.isfile(path) and os.path.isfile(spec_path)):
+        raise ValueError(f"No saved NTLs at {path} (and {os.path.basename(spec_path)}).")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    translators = []
+    for entry in spec:
+        translator = Translator.from_config(entry["config"])
+        translator.build((None,) + tuple(entry["input_shape"]))
+        translators.append(translator)
+    TranslatorBank(translators).load_weights(path)
+    return translators

@@ -57,3 +57,87 @@ def test_command_line_refuses_non_finite_flags(tmp_path, flag):
         result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(model_dir)
+
+
+# -- one source of truth: the flags are the TrainConfig fields ---------------------------
+
+
+def train_flags():
+    """keras-feed-train's flags, as the command defines them."""
+    from keras_feed import train
+
+    return train.FLAGS
+
+
+def test_every_setting_is_a_flag_with_its_default_and_help():
+    from keras_feed import config
+
+    flags = train_flags()
+    for field in dataclasses.fields(config.TrainConfig):
+        assert field.name in flags, f"--{field.name} is not a flag"
+        flag = flags[field.name]
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert flag.default == default, field.name
+        assert flag.help == field.metadata["help"], field.name
+
+
+def test_enum_choices_come_from_the_registries():
+    from keras_feed import config, distribute, methods
+    from keras_feed.models import preprocessing
+
+    flags = train_flags()
+    assert sorted(flags["method"].enum_values) == methods.names()
+    assert tuple(flags["strategy"].enum_values) == distribute.STRATEGIES
+    assert tuple(flags["mixed_precision"].enum_values) == config.PRECISIONS
+    assert tuple(flags["teacher_preprocessing"].enum_values) == preprocessing.CONVENTIONS
+    assert tuple(flags["lr_schedule"].enum_values) == config.LR_SCHEDULES
+
+
+def test_a_registered_method_becomes_a_choice(monkeypatch):
+    from keras_feed import config, methods
+    from keras_feed.methods import base
+
+    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))
+
+    @methods.register
+    class Mine(methods.Method):  # pylint: disable=unused-variable
+        name = "mine"
+
+    (spec,) = config.flag_specs(["method"])
+    assert "mine" in spec.choices and spec.kind == "enum"
+    assert methods.get("mine").plan(config.TrainConfig()).teacher_count == 2
+
+
+def test_flags_parse_into_the_config_and_bad_lists_are_refused():
+    from keras_feed import config
+
+    parsed = config.from_values({"teachers": ["a.keras", "b.keras"], "lr_decay_epochs": ["3", "6"],
+                                 "beta": 2.0})
+    assert parsed.teachers == ("a.keras", "b.keras") and parsed.lr_decay_epochs == (3, 6)
+    assert parsed.beta == 2.0 and parsed.method == "pfeed"
+    with pytest.raises(ValueError, match="--lr_decay_epochs must be a comma-separated list of int"):
+        config.from_values({"lr_decay_epochs": ["ten"]})
+
+
+def test_the_settings_a_rerun_may_change_are_the_resumable_fields():
+    from keras_feed import checkpointing, config
+
+    compared = set(checkpointing.comparable_settings(config.TrainConfig()))
+    every = {field.name for field in dataclasses.fields(config.TrainConfig)}
+    assert every - compared == set(config.resumable_settings())
+    assert {"model_dir", "verbose", "strategy"} <= set(config.resumable_settings())
+    assert {"beta", "seed", "epochs", "method"} <= compared
+
+
+def test_the_readme_flag_table_names_every_setting():
+    import re
+
+    from keras_feed import config
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as handle:
+        text = handle.read()
+    table = text[text.index("## Command line"):text.index("## Resuming and failures")]
+    named = set(re.findall(r"`--([a-z_0-9]+)`", table))
+    missing = {field.name for field in dataclasses.fields(config.TrainConfig)} - named
+    assert not missing, f"README's flag table lacks {sorted(missing)}"

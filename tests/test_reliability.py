@@ -193,10 +193,11 @@ KILL_STEPS = [3, 6, 9, 12, 15, 16, 18, 21]
 
 
 def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
-    """SIGKILL mid-stage (in the teacher, in the student, at a random checkpoint) and while
-    the outputs are written, rerun: each interrupted stage resumes at the step after its
-    last checkpoint, the stages done are not redone, and the student ends bitwise equal to
-    an uninterrupted run."""
+    """SIGKILL mid-stage in the teacher and while the outputs are written, SIGTERM
+    mid-stage in the student (each at a random moment after a random checkpoint), rerun:
+    each interrupted stage resumes at the step after its last checkpoint (for SIGTERM, the
+    one written at the interruption), the stages done are not redone, and the student ends
+    bitwise equal to an uninterrupted run."""
     model_dir = str(tmp_path / "run")
     args = RUN + [f"--model_dir={model_dir}"]
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 100000))
@@ -205,10 +206,11 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
     # (stage interrupted, what triggers the kill): a stage is killed as soon as its
     # checkpoint records a random step or more (the polling puts the kill at a random
     # moment after that checkpoint); the outputs, as soon as student.keras appears.
-    plan = [("teacher_0", rng.choice(KILL_STEPS)), ("student", rng.choice(KILL_STEPS)),
-            ("outputs", None)]
+    plan = [("teacher_0", rng.choice(KILL_STEPS), signal.SIGKILL),
+            ("student", rng.choice(KILL_STEPS), signal.SIGTERM),
+            ("outputs", None, signal.SIGKILL)]
     logs, resumes = [], []
-    for attempt, (stage, step) in enumerate(plan):
+    for attempt, (stage, step, signal_number) in enumerate(plan):
         log_path = str(tmp_path / f"attempt_{attempt}.txt")
         started = time.time()
         process = start(args, log_path)
@@ -218,13 +220,19 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
             state = os.path.join(checkpoints, stage, checkpointing.STATE_FILE)
             triggered = wait_for_step(state, process, since=started, step=step)
         if triggered:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal_number)
         process.wait(timeout=TIMEOUT)
         with open(log_path) as handle:
             logs.append(handle.read())
         context = f"attempt {attempt} (kill seed {seed}, rerun with KILL_SEED={seed}):\n{logs[-1]}"
         assert triggered, f"the run ended before the kill in {stage}; {context}"
-        assert process.returncode == -signal.SIGKILL, context
+        expected = -signal.SIGKILL if signal_number == signal.SIGKILL else 128 + signal_number
+        assert process.returncode == expected, context
+        if signal_number == signal.SIGTERM:
+            match = re.search(r"interrupted at step (\d+) of stage (\w+); run the same command "
+                              r"again to resume from its last checkpoint, step (\d+) ", logs[-1])
+            assert match and match[2] == stage and match[1] == match[3], context
+            assert saved_step(state) == int(match[1]), f"not saved at the interruption; {context}"
         if stage != "outputs":
             # The process is dead: the checkpoint on disk is the one the rerun restores.
             done = saved_step(state)
