@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_feed import data
 from keras_feed.data import DataError
+from keras_feed.data import folder as folder_source
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -405,19 +406,19 @@ def test_folder_large_images_use_imagenet_pipeline(tmp_path):
 
 def test_large_folder_streams_from_files(tmp_path, monkeypatch):
     # Pretend the folder is large: only magic bytes are checked at load time.
-    monkeypatch.setattr(data, "FOLDER_VERIFY_LIMIT", 4)
+    monkeypatch.setattr(folder_source, "FOLDER_VERIFY_LIMIT", 4)
     root = make_folder(tmp_path / "ok", size=(12, 12), classes=("cat", "dög", "emu"))
     d = data.load("folder", data_dir=root)
     assert d.info.augment == "cifar" and d.info.image_shape == (12, 12, 3)
     small = data.load("folder", data_dir=root, image_size=12)
-    monkeypatch.setattr(data, "FOLDER_VERIFY_LIMIT", 10**6)
+    monkeypatch.setattr(folder_source, "FOLDER_VERIFY_LIMIT", 10**6)
     in_memory = data.load("folder", data_dir=root)
     for (xa, ya), (xb, yb) in zip(batches(d.train(4), 4), batches(in_memory.train(4), 4)):
         np.testing.assert_allclose(xa, xb, atol=1e-5)
         np.testing.assert_array_equal(ya, yb)
     assert next(iter(small.test(6)))[0].shape == (6, 12, 12, 3)
 
-    monkeypatch.setattr(data, "FOLDER_VERIFY_LIMIT", 4)
+    monkeypatch.setattr(folder_source, "FOLDER_VERIFY_LIMIT", 4)
     root = make_folder(tmp_path / "bad", size=(12, 12))
     open(os.path.join(root, "val", "cat", "fake.jpg"), "wb").write(b"GIF89a not a jpeg")
     with pytest.raises(DataError) as err:
@@ -463,7 +464,7 @@ def test_folder_of_mixed_small_sizes_is_refused(tmp_path, monkeypatch):
         write_png(os.path.join(root, "train", "dog", f"big_{i}.png"),
                   np.zeros((32, 32, 3), np.uint8))
     for limit in (10**6, 4):  # decoded in full, or sampled from a large folder
-        monkeypatch.setattr(data, "FOLDER_VERIFY_LIMIT", limit)
+        monkeypatch.setattr(folder_source, "FOLDER_VERIFY_LIMIT", limit)
         with pytest.raises(DataError) as err:
             data.load("folder", data_dir=root)
         assert_one_line(err)
