@@ -81,6 +81,11 @@ class TrainConfig:
         None, "Train on a seeded subset of this many examples.")
     subset_seed: int = setting(
         0, "Seed choosing the --train_examples subset (the same for teachers and student).")
+    validation_examples: int = setting(
+        0, "Hold out this many training examples (the last of a --subset_seed permutation, "
+        "whatever --train_examples is) as a validation split: --validation_freq evaluates on "
+        "it, and metrics.json gives every model's validation accuracy beside its test "
+        "accuracy. Tune recipes on it, not on the test split. 0: none.")
 
     # Recipe.
     epochs: int = setting(200, "Training epochs of the student.")
@@ -102,7 +107,8 @@ class TrainConfig:
     seed: int = setting(
         0, "Seed of the student's initialisation, data order and augmentation.")
     validation_freq: int = setting(
-        0, "Evaluate on the test split every N epochs during training (0: only at the end).")
+        0, "Evaluate every N epochs during training, on the validation split if "
+        "--validation_examples holds one out, else on the test split (0: only at the end).")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
     mixed_precision: str = setting(
         "float32", "Keras dtype policy: 16-bit computation with float32 weights and loss terms "

@@ -55,8 +55,9 @@ def describe_plan(experiment):
     steps = info.num_train // config.batch_size
     student_shape = frozen.feature_shape(student, config.student_layer, role="Student")
     lines = [
-        f"method {config.method} on {info.name}: {info.num_train} training / {info.num_test} "
-        f"test examples, images {info.image_shape}, {info.num_classes} classes",
+        f"method {config.method} on {info.name}: {info.num_train} training / "
+        + (f"{info.num_validation} validation / " if info.num_validation else "")
+        + f"{info.num_test} test examples, images {info.image_shape}, {info.num_classes} classes",
         "input: raw pixels {} in [0, 255], normalised inside every model, (x / 255 - mean) / std "
         "with mean {} and std {}; augmentation: {}".format(
             "x".join(str(size) for size in info.image_shape), _rounded(info.mean),

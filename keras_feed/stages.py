@@ -49,6 +49,7 @@ class Experiment:
                 data_dir=config.data_dir,
                 train_examples=config.train_examples,
                 image_size=config.image_size,
+                validation_examples=config.validation_examples,
             )
             if config.batch_size > self.info.num_train:
                 raise ValueError(
@@ -63,6 +64,7 @@ class Experiment:
                 seed=config.seed,
                 subset_seed=config.subset_seed,
                 image_size=config.image_size,
+                validation_examples=config.validation_examples,
             )
             self.info = self.data.info
             self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
@@ -70,7 +72,7 @@ class Experiment:
         self.num_classes = self.info.num_classes
         self.history = {}
         self.baseline_metrics = None
-        self._test_labels = None
+        self._labels = {}  # split -> labels, in prediction order
         self._check_models()
 
     # -- validation before anything is written ------------------------------
@@ -207,7 +209,7 @@ class Experiment:
             path, self.config.model, seed=self.config.seed, stage="baseline",
             epochs=self.config.epochs, what="the CE baseline student",
         )
-        probabilities = self.predict_probabilities(self.load_frozen(path))
+        probabilities = self.all_probabilities(self.load_frozen(path))
         self.baseline_metrics = {"model": self.config.model, "path": os.path.abspath(path),
                                  **self.scores(probabilities)}
 
@@ -286,7 +288,7 @@ class Experiment:
         if validate and config.validation_freq:
             validation = dict(
                 validation_data=distribute.evaluation_dataset(
-                    self.strategy, self.data.test(config.eval_batch_size)
+                    self.strategy, self._batches(self.splits()[-1])
                 ),
                 validation_freq=config.validation_freq,
             )
@@ -329,59 +331,86 @@ class Experiment:
 
     # -- evaluation and outputs ---------------------------------------------
 
-    def predict_probabilities(self, model):
-        """Class probabilities of `model` on the test split, `(num_test, classes)`.
+    def splits(self):
+        """The splits models are scored on: the test split, and the validation split if held out."""
+        return ("test", "validation") if self.data.num_validation else ("test",)
+
+    def _batches(self, split):
+        batch_size = self.config.eval_batch_size
+        return self.data.validation(batch_size) if split == "validation" else self.data.test(batch_size)
+
+    def predict_probabilities(self, model, split="test"):
+        """Class probabilities of `model` on `split`, `(examples, classes)`.
 
         A model with a softmax head gives them itself; logits are softmaxed.
         """
-        images = self.data.test(self.config.eval_batch_size).map(lambda x, y: x)
+        images = self._batches(split).map(lambda x, y: x)
         outputs = tf.cast(distribute.predict(self.strategy, model, images), tf.float32)
         if frozen.head_kind(model) == "softmax":
             return outputs.numpy()
         return tf.nn.softmax(outputs).numpy()
 
+    def labels(self, split="test"):
+        """The labels of `split`, in the order `predict_probabilities` uses."""
+        if split not in self._labels:
+            batches = self._batches(split).map(lambda x, y: y)
+            self._labels[split] = np.concatenate([labels.numpy() for labels in batches])
+        return self._labels[split]
+
     def test_labels(self):
         """The test split's labels, in the order `predict_probabilities` uses."""
-        if self._test_labels is None:
-            batches = self.data.test(self.config.eval_batch_size).map(lambda x, y: y)
-            self._test_labels = np.concatenate([labels.numpy() for labels in batches])
-        return self._test_labels
+        return self.labels("test")
 
     def accuracy_of(self, model_or_probabilities, k=1):
-        """Top-k test accuracy of a model, or of its predicted probabilities."""
+        """Top-k test accuracy of a model, or of its predicted test probabilities."""
         probabilities = model_or_probabilities
         if isinstance(probabilities, keras.Model):
             probabilities = self.predict_probabilities(probabilities)
         return top_k_accuracy(probabilities, self.test_labels(), k)
 
+    def all_probabilities(self, model):
+        """`{split: probabilities}` of `model` on each of `splits()`."""
+        return {split: self.predict_probabilities(model, split) for split in self.splits()}
+
     def scores(self, probabilities):
-        """`{"test_accuracy": top-1, "test_top5_accuracy": top-5}` of probabilities."""
-        return {
-            "test_accuracy": self.accuracy_of(probabilities),
-            "test_top5_accuracy": self.accuracy_of(probabilities, k=5),
-        }
+        """Top-1 and top-5 accuracy: `{"test_accuracy", "test_top5_accuracy"}`.
+
+        `probabilities` are the test split's, or `{split: probabilities}`
+        (`all_probabilities`): then each split's `<split>_accuracy` and
+        `<split>_top5_accuracy`.
+        """
+        if not isinstance(probabilities, dict):
+            probabilities = {"test": probabilities}
+        results = {}
+        for split, values in probabilities.items():
+            results[f"{split}_accuracy"] = top_k_accuracy(values, self.labels(split))
+            results[f"{split}_top5_accuracy"] = top_k_accuracy(values, self.labels(split), k=5)
+        return results
 
     def evaluate(self, student, teachers):
-        """Top-1 and top-5 test accuracy of the student, each teacher and their ensemble."""
-        labels = self.test_labels()
+        """Top-1 and top-5 accuracy of the student, each teacher and their ensemble.
+
+        On the test split, and on the validation split when one is held out.
+        """
         results = {
             "student": {
                 "model": self.config.model,
-                **self.scores(self.predict_probabilities(student)),
+                **self.scores(self.all_probabilities(student)),
                 "parameters": int(student.count_params()),
             },
-            "num_test": int(labels.shape[0]),
+            "num_test": int(self.test_labels().shape[0]),
         }
+        if self.data.num_validation:
+            results["num_validation"] = int(self.data.num_validation)
         if teachers:
-            probabilities = [self.predict_probabilities(t) for t in teachers]
+            probabilities = [self.all_probabilities(t) for t in teachers]
             results["teachers"] = [
                 {"model": teacher.name, **self.scores(p)}
                 for teacher, p in zip(teachers, probabilities)
             ]
-            results["ensemble"] = {
-                "size": len(teachers),
-                **self.scores(np.mean(probabilities, axis=0)),
-            }
+            ensemble = {split: np.mean([p[split] for p in probabilities], axis=0)
+                        for split in self.splits()}
+            results["ensemble"] = {"size": len(teachers), **self.scores(ensemble)}
         return results
 
     def input_description(self):
@@ -426,7 +455,10 @@ class Experiment:
         metrics.update(extra or {})
         if self.baseline_metrics is not None:
             metrics["baseline"] = self.baseline_metrics
-            metrics["gain"] = metrics["student"]["test_accuracy"] - self.baseline_metrics["test_accuracy"]
+            for split in self.splits():  # gain (test), validation_gain
+                prefix = "" if split == "test" else f"{split}_"
+                metrics[f"{prefix}gain"] = (metrics["student"][f"{split}_accuracy"]
+                                            - self.baseline_metrics[f"{split}_accuracy"])
         storage.save_model(student, os.path.join(model_dir, "student.keras"))
         if distiller is not None and distiller.translators:
             translators_lib.save_translators(

@@ -8,29 +8,46 @@ draws them as a PNG bar chart.
 from keras_feed import storage
 
 
-def rows(metrics):
-    """`[(label, test accuracy)]` for every model a run's metrics report."""
+def _entries(metrics):
+    """`[(label, scores)]`: every model a run's metrics report, with its scores."""
     result = [
-        (f"teacher {index} ({teacher['model']})", teacher["test_accuracy"])
+        (f"teacher {index} ({teacher['model']})", teacher)
         for index, teacher in enumerate(metrics.get("teachers", []))
     ]
     if "ensemble" in metrics:
-        result.append((f"ensemble of {metrics['ensemble']['size']} teachers", metrics["ensemble"]["test_accuracy"]))
+        result.append((f"ensemble of {metrics['ensemble']['size']} teachers", metrics["ensemble"]))
     if "baseline" in metrics:
-        result.append((f"CE student ({metrics['baseline']['model']}, same seed)", metrics["baseline"]["test_accuracy"]))
+        result.append((f"CE student ({metrics['baseline']['model']}, same seed)", metrics["baseline"]))
     method = metrics.get("method", "student")
-    result.append((f"{method} student ({metrics['student']['model']})", metrics["student"]["test_accuracy"]))
+    result.append((f"{method} student ({metrics['student']['model']})", metrics["student"]))
     return result
 
 
+def rows(metrics):
+    """`[(label, test accuracy)]` for every model a run's metrics report."""
+    return [(label, scores["test_accuracy"]) for label, scores in _entries(metrics)]
+
+
 def table(metrics):
-    """The rows as printable lines, with the gain over the CE student when known."""
-    entries = rows(metrics)
+    """The rows as printable lines, with the gain over the CE student when known.
+
+    A run with a validation split shows each model's validation accuracy too.
+    """
+    entries = _entries(metrics)
     width = max(len(label) for label, _ in entries)
-    lines = [f"  {label:<{width}}  {100 * accuracy:6.2f} %" for label, accuracy in entries]
+    validation = all("validation_accuracy" in scores for _, scores in entries)
+    lines = []
+    for label, scores in entries:
+        line = f"  {label:<{width}}  {100 * scores['test_accuracy']:6.2f} %"
+        if validation:
+            line += f"   {100 * scores['validation_accuracy']:6.2f} %"
+        lines.append(line)
     if "gain" in metrics:
-        lines.append(f"  {'gain over the CE student':<{width}}  {100 * metrics['gain']:+6.2f} points")
-    return ["Test accuracy:"] + lines
+        line = f"  {'gain over the CE student':<{width}}  {100 * metrics['gain']:+6.2f} points"
+        if validation and "validation_gain" in metrics:
+            line += f" {100 * metrics['validation_gain']:+6.2f} points"
+        lines.append(line)
+    return ["Test accuracy, then validation accuracy:" if validation else "Test accuracy:"] + lines
 
 
 def plot(metrics, path):

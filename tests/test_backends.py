@@ -25,11 +25,11 @@ ROOT = os.path.dirname(TESTS)
 
 # The core tests run on JAX: every test of these files (TensorFlow-only ones
 # skip themselves) but the slow `keras.applications` ones and those of
-# TensorFlow-side plumbing (tf.data equivalence, checkpointing, the import check).
+# TensorFlow-side plumbing (tf.data equivalence, the import check).
 JAX_TESTS = ["test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py"]
 NOT_ON_JAX = (
     "not applications and not nested_backbone and not py_dataset_and_tf_data"
-    " and not fit_resumable and not import_keras_feed"
+    " and not import_keras_feed"
 )
 
 
@@ -216,3 +216,62 @@ def test_data_parallel_on_two_jax_devices_matches_one():
         np.testing.assert_allclose(two_history[name], values, rtol=1e-4, atol=1e-5, err_msg=name)
     for expected, got in zip(one_weights, two_weights):  # BatchNorm statistics too
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# -- the command line on JAX: a run, interrupted and resumed ---------------------------
+
+CLI_RUN = [
+    "--method=pfeed", "--dataset=synthetic", "--model=resnet8", "--num_teachers=1",
+    "--train_examples=256", "--batch_size=16", "--epochs=2", "--learning_rate=0.05",
+    "--eval_batch_size=128", "--checkpoint_steps=2", "--deterministic", "--verbose=0",
+]
+
+
+def start_cli(model_dir, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "keras_feed.train", *CLI_RUN, f"--model_dir={model_dir}"],
+            cwd=ROOT, env=jax_environment(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def student_weights(model_dir):
+    model = keras.models.load_model(os.path.join(model_dir, "student.keras"))
+    return [np.asarray(weight) for weight in model.get_weights()]
+
+
+def test_the_cli_on_jax_resumes_a_sigterm_bitwise(tmp_path):
+    """keras-feed-train with KERAS_BACKEND=jax: SIGTERM in the student stage stops at a
+    step with its checkpoint; the same command resumes there and ends with the weights
+    of an uninterrupted JAX run, bit for bit (--deterministic; XLA on the CPU)."""
+    import signal
+    import time
+
+    skip_unless_tensorflow_with_jax()
+    reference_dir, model_dir = str(tmp_path / "reference"), str(tmp_path / "run")
+    reference = start_cli(reference_dir, str(tmp_path / "reference.txt"))
+    process = start_cli(model_dir, str(tmp_path / "interrupted.txt"))
+    state = os.path.join(model_dir, "checkpoints", "student", "state.npz")
+    deadline = time.time() + 600
+    try:
+        while not os.path.exists(state):
+            assert process.poll() is None, open(tmp_path / "interrupted.txt").read()[-3000:]
+            assert time.time() < deadline, "no student checkpoint within 600 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=600) == 143, open(tmp_path / "interrupted.txt").read()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = open(tmp_path / "interrupted.txt").read()
+    assert "keras-feed-train: interrupted at step" in log and "of stage student" in log, log[-3000:]
+    resumed = start_cli(model_dir, str(tmp_path / "resumed.txt"))
+    assert resumed.wait(timeout=600) == 0, open(tmp_path / "resumed.txt").read()[-3000:]
+    assert "Stage student: resuming at step" in open(tmp_path / "resumed.txt").read()
+    assert reference.wait(timeout=600) == 0, open(tmp_path / "reference.txt").read()[-3000:]
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["config"]["method"] == "pfeed" and os.path.isdir(os.path.join(model_dir, "export"))
+    for ours, theirs in zip(student_weights(model_dir), student_weights(reference_dir)):
+        np.testing.assert_array_equal(ours, theirs)

@@ -39,3 +39,29 @@ def test_baseline_with_the_ce_method_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="baseline itself"):
         experiment.run(config)
+
+
+def test_a_held_out_validation_split_is_scored_beside_the_test_split(tmp_path):
+    config = experiment.TrainConfig(
+        method="pfeed", dataset="synthetic", model="resnet8", train_examples=64, batch_size=32,
+        epochs=1, num_teachers=1, baseline=True, verbose=0, validation_examples=96,
+        validation_freq=1, model_dir=str(tmp_path / "run"),
+    )
+    metrics = experiment.run(config)
+    assert metrics["num_validation"] == 96 and metrics["config"]["validation_examples"] == 96
+    for scores in (metrics["student"], metrics["baseline"], metrics["ensemble"],
+                   *metrics["teachers"]):
+        assert {"test_accuracy", "validation_accuracy", "validation_top5_accuracy"} <= set(scores)
+    assert metrics["validation_gain"] == pytest.approx(
+        metrics["student"]["validation_accuracy"] - metrics["baseline"]["validation_accuracy"])
+    # The validation accuracy is the saved student's on the held-out examples.
+    held_out = data.load("synthetic", train_examples=64, validation_examples=96).validation(256)
+    model = keras.models.load_model(str(tmp_path / "run" / "student.keras"))
+    predictions = np.concatenate([np.argmax(model.predict(x, verbose=0), axis=1) for x, _ in held_out])
+    labels = np.concatenate([y.numpy() for _, y in held_out])
+    assert labels.shape == (96,)
+    assert metrics["student"]["validation_accuracy"] == pytest.approx(
+        float(np.mean(predictions == labels)), abs=1e-9)
+    # fit's own evaluation (validation_freq) ran on the validation split.
+    assert "val_loss" in metrics["stages"]["student"]["history"]
+    assert summary.table(metrics)[0] == "Test accuracy, then validation accuracy:"

@@ -420,3 +420,22 @@ def test_raw_pixel_model_follows_the_stated_convention():
     sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255.0),
                                    keras.layers.Flatten(), keras.layers.Dense(3)])
     assert isinstance(preprocessing.find(sequential), keras.layers.Rescaling)
+
+
+def test_a_model_with_its_preprocessing_gives_its_features_the_keras_way():
+    """`keras.Model(model.inputs, model.get_layer("features").output)`, the usual way to
+    read a layer (and what keras.distillation does), works on a model that normalises its
+    own input, and gives the features of the whole model, normalisation included."""
+    from keras_feed import frozen
+
+    model = models.build("resnet8", input_shape=(16, 16, 3), num_classes=10, seed=0,
+                         mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    features = keras.Model(model.inputs, model.get_layer("features").output)
+    images = np.random.RandomState(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    expected = frozen.extractor(model, "features")(images)[2]
+    np.testing.assert_allclose(features([images]), expected, rtol=1e-5, atol=1e-5)
+    unnormalised = models.build("resnet8", input_shape=(16, 16, 3), num_classes=10, seed=0)
+    # The same initial weights as the model without the layer (a Rescaling has none).
+    assert len(unnormalised.get_weights()) == len(model.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(unnormalised.get_weights(),
+                                                    model.get_weights()))

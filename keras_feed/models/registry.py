@@ -212,5 +212,10 @@ def build(
     if not isinstance(model, keras.Model):
         raise TypeError(f"builder for {name!r} returned {type(model).__name__}")
     if mean is not None:
-        model = preprocessing.add(model, mean, std)
+        # `add` shares the built model's layers, whose `.output` then still points
+        # into the graph without the layer; a clone gives the model layers of its own,
+        # so `keras.Model(model.inputs, model.get_layer("features").output)` works.
+        shared = preprocessing.add(model, mean, std)
+        model = keras.models.clone_model(shared)
+        model.set_weights(shared.get_weights())
     return model
