@@ -26,7 +26,10 @@ ROOT = os.path.dirname(TESTS)
 # The core tests run on JAX: every test of these files (TensorFlow-only ones
 # skip themselves) but the slow `keras.applications` ones and those of
 # TensorFlow-side plumbing (tf.data equivalence, the import check).
-JAX_TESTS = ["test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py"]
+JAX_TESTS = [
+    "test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py",
+    "test_precision.py",
+]
 NOT_ON_JAX = (
     "not applications and not nested_backbone and not py_dataset_and_tf_data"
     " and not import_keras_feed"
