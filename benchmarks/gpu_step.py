@@ -18,10 +18,9 @@ no input pipeline competes with the step. The batch is put on the default device
 uncommitted (`jax.device_put(x)`, as Keras' own `fit` does): committed to a device
 (`jax.device_put(x, device)`), it commits every output of the train step while the
 variables start uncommitted, and Keras' JAX step is compiled three times (the first
-step, the first step of a later `fit` and the steps after it). The models are built without the input
-normalisation layer keras-feed's training adds (`models.build(..., mean, std)`):
-keras.distillation's feature extractor cannot take a model built with it, and one
-elementwise op does not change the comparison.
+step, the first step of a later `fit` and the steps after it). The models carry the
+input normalisation layer that keras-feed's training adds (`models.build(..., mean,
+std)`), as the models keras-feed trains and exports do.
 
 * `student`: `keras_feed.models.build(--model)` compiled with SGD (lr 0.05, momentum
   0.9), sparse cross-entropy from logits and accuracy;
@@ -114,13 +113,10 @@ flags.DEFINE_integer("image_size", 32, "Height and width of the square RGB image
 
 
 def build(name, seed):
-    # Without the normalisation layer (`mean`, `std`) that keras-feed's training adds:
-    # keras.distillation cannot take models built with it (its feature extractor,
-    # `keras.Model(model.inputs, get_layer("features").output)`, reaches the inner
-    # graph's input), and every configuration runs the same networks. That layer is
-    # one elementwise op.
+    # With the normalisation layer keras-feed's training adds (CIFAR-100's statistics).
     return models.build(name, input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-                        num_classes=FLAGS.num_classes, seed=seed)
+                        num_classes=FLAGS.num_classes, seed=seed,
+                        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
 
 
 def compile_kwargs():

@@ -232,6 +232,7 @@ def test_zero_pad_shortcut_is_parameter_free():
         ("small_cnn", MNIST, (7, 7, 128)),
         ("small_cnn", CIFAR, (8, 8, 128)),
         ("small_cnn_wide", MNIST, (7, 7, 256)),
+        ("small_cnn_slim", MNIST, (7, 7, 64)),
     ],
 )
 def test_feature_shapes(name, input_shape, features_shape):

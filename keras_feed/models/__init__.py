@@ -39,7 +39,8 @@ Architectures (``features`` shape on 32x32 / 224x224 inputs):
   (:mod:`.resnext`).
 * ImageNet ResNets ``resnet18/34`` (7x7x512), ``resnet50/101/152``
   (7x7x2048) (:mod:`.resnet_imagenet`).
-* ``small_cnn`` / ``small_cnn_wide`` for 28x28x1 (7x7x128 / 7x7x256)
+* ``small_cnn`` / ``small_cnn_slim`` / ``small_cnn_wide`` for 28x28x1 (7x7x128 /
+  7x7x64 / 7x7x256)
   (:mod:`.small`).
 
 All models use only built-in Keras layers: they save to ``.keras`` and load

@@ -9,7 +9,13 @@ ReLU is the ``"features"`` layer: ``(7, 7, 128)`` on 28x28 inputs
 (28 -> 14 -> 7), ``(8, 8, 128)`` on 32x32. 94k parameters with 10 classes;
 about 3000 training images/s (batch 128) on 2 CPU cores.
 
-``small_cnn_wide``: the same with doubled widths (64/128/256, features
+``small_cnn_slim``: 32, 64 and 64 channels, features ``(7, 7, 64)``, 57k
+parameters. FEED's NTLs are three 3x3 convolutions at the feature map's width,
+so on ``small_cnn`` two NTLs cost about six times the student's own FLOPs; at
+64 channels, a quarter of that. The quickstart's model: FEED trains at about
+1,100 images/s on 2 CPU cores instead of 300.
+
+``small_cnn_wide``: the same as ``small_cnn`` with doubled widths (64/128/256, features
 ``(7, 7, 256)``), 373k parameters; a bigger teacher for ``small_cnn``.
 """
 
@@ -58,4 +64,12 @@ def small_cnn_wide(input_shape, num_classes):
     """64/128/256-channel CNN, features (7, 7, 256) on 28x28."""
     return small_cnn_model(
         input_shape, num_classes, widths=(64, 128, 256), name="small_cnn_wide"
+    )
+
+
+@register("small_cnn_slim")
+def small_cnn_slim(input_shape, num_classes):
+    """32/64/64-channel CNN, features (7, 7, 64) on 28x28: NTLs a quarter of small_cnn's."""
+    return small_cnn_model(
+        input_shape, num_classes, widths=(32, 64, 64), name="small_cnn_slim"
     )
