@@ -65,27 +65,32 @@ def flags_parser(program):
     return parse
 
 
-def define_config_flags(names=None):
+def define_config_flags(names=None, flag_values=None):
     """Defines a flag for each `TrainConfig` field (or those in `names`), once.
 
     The flags are derived from the fields (`keras_feed.config.flag_specs`): their
-    names, defaults, help and choices are the fields'.
+    names, defaults, help and choices are the fields'. They go into
+    `flag_values` (default: absl's global `FLAGS`); a name defined there already
+    is left as it is.
     """
     from absl import flags
 
     from keras_feed import config
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
 
     define = {
         "string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
         "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list,
     }
     for spec in config.flag_specs(names):
-        if spec.name in flags.FLAGS:
+        if spec.name in flag_values:
             continue
         if spec.kind == "enum":
-            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help)
+            flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help,
+                              flag_values=flag_values)
         else:
-            define[spec.kind](spec.name, spec.default, spec.help)
+            define[spec.kind](spec.name, spec.default, spec.help, flag_values=flag_values)
 
 
 def define_data_flags():

@@ -79,3 +79,22 @@ def pytest_configure(config):
     # Third-party deprecation noise (Keras' numpy bridge, tf.data adapters) hides real output.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore:`shuffle=True` was passed:UserWarning")
+
+
+#: Python source that makes the process behave as on a machine without TensorFlow:
+#: `import tensorflow` (and tensorflow_datasets) raises ModuleNotFoundError, and
+#: "tensorflow" stays out of `sys.modules` (Keras looks there to tell whether it is loaded).
+WITHOUT_TENSORFLOW_PRELUDE = '''
+import importlib.abc
+import sys
+
+
+class _NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoTensorFlow())
+'''

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_net
+from conftest import tiny_net, WITHOUT_TENSORFLOW_PRELUDE
 from keras_feed import FEEDDistiller
 from test_teacher_inference import randomise_batchnorm
 
@@ -140,13 +140,12 @@ if __name__ == "__main__":  # one side of the comparison, on the backend it runs
     np.savez(os.path.join(folder, "jax_weights.npz"), **{f"w{i}": w for i, w in enumerate(weights)})
 
 
-WITHOUT_TENSORFLOW = """
-import sys
-sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
+WITHOUT_TENSORFLOW = WITHOUT_TENSORFLOW_PRELUDE + """
 import numpy as np, keras
 import keras_feed as kf
-student = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=0)
-teacher = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=1)
+statistics = dict(mean=(0.5, 0.5, 0.5), std=(0.29, 0.29, 0.29))  # raw pixels in, as keras-feed trains
+student = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=0, **statistics)
+teacher = kf.models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=1, **statistics)
 distiller = kf.FEEDDistiller(student, [teacher], beta=10.0, kd_weight=0.3, weight_decay=5e-4)
 distiller.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
 rng = np.random.default_rng(0)

@@ -63,10 +63,15 @@ def test_command_line_refuses_non_finite_flags(tmp_path, flag):
 
 
 def train_flags():
-    """keras-feed-train's flags, as the command defines them."""
-    from keras_feed import train
+    """keras-feed-train's flags, as the command defines them (in a fresh set: other
+    commands imported by other tests define flags of their own in absl's global one)."""
+    from absl import flags
 
-    return train.FLAGS
+    from keras_feed import cli
+
+    fresh = flags.FlagValues()
+    cli.define_config_flags(flag_values=fresh)
+    return fresh
 
 
 def test_every_setting_is_a_flag_with_its_default_and_help():
@@ -141,3 +146,13 @@ def test_the_readme_flag_table_names_every_setting():
     named = set(re.findall(r"`--([a-z_0-9]+)`", table))
     missing = {field.name for field in dataclasses.fields(config.TrainConfig)} - named
     assert not missing, f"README's flag table lacks {sorted(missing)}"
+
+
+def test_keras_feed_train_offers_every_setting():
+    from keras_feed import config
+
+    result = subprocess.run([sys.executable, "-m", "keras_feed.train", "--helpfull"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for field in dataclasses.fields(config.TrainConfig):
+        assert f"--{field.name}:" in result.stdout or f"--[no]{field.name}:" in result.stdout, field.name

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import WITHOUT_TENSORFLOW_PRELUDE
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_step.py")
@@ -23,9 +25,8 @@ VERSIONS = {"python", "keras", "jax", "jaxlib", "numpy", "keras_feed"}
 
 # Runs the script (argv[1:]) as __main__ where `import tensorflow` raises ImportError,
 # then says which TensorFlow modules were loaded.
-WITHOUT_TENSORFLOW = """
-import runpy, sys
-sys.modules["tensorflow"] = None
+WITHOUT_TENSORFLOW = WITHOUT_TENSORFLOW_PRELUDE + """
+import runpy
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
