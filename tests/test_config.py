@@ -153,6 +153,6 @@ def test_keras_feed_train_offers_every_setting():
 
     result = subprocess.run([sys.executable, "-m", "keras_feed.train", "--helpfull"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--method:" in result.stdout, result.stderr[-2000:]  # absl's help exits with 1
     for field in dataclasses.fields(config.TrainConfig):
         assert f"--{field.name}:" in result.stdout or f"--[no]{field.name}:" in result.stdout, field.name
