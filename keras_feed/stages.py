@@ -42,15 +42,13 @@ class Experiment:
         self.strategy = strategy or tf.distribute.get_strategy()
         config_lib.check_config(config, method)
         distribute.check_batch_size(self.strategy, config.batch_size)
+        which = dict(  # what describe and load both take
+            data_dir=config.data_dir, train_examples=config.train_examples,
+            image_size=config.image_size, validation_examples=config.validation_examples,
+        )
         if config.dry_run:  # describe the data, never download or read it all
             self.data = None
-            self.info = data_lib.describe(
-                config.dataset,
-                data_dir=config.data_dir,
-                train_examples=config.train_examples,
-                image_size=config.image_size,
-                validation_examples=config.validation_examples,
-            )
+            self.info = data_lib.describe(config.dataset, **which)
             if config.batch_size > self.info.num_train:
                 raise ValueError(
                     f"--batch_size={config.batch_size} exceeds the {self.info.num_train} "
@@ -58,13 +56,7 @@ class Experiment:
                 )
         else:
             self.data = data_lib.load(
-                config.dataset,
-                data_dir=config.data_dir,
-                train_examples=config.train_examples,
-                seed=config.seed,
-                subset_seed=config.subset_seed,
-                image_size=config.image_size,
-                validation_examples=config.validation_examples,
+                config.dataset, seed=config.seed, subset_seed=config.subset_seed, **which
             )
             self.info = self.data.info
             self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
