@@ -90,9 +90,15 @@ def comparable_settings(config):
     (a pre-empted job may come back on other hardware, e.g. a TPU of a new name).
     """
     values = json.loads(json.dumps(dataclasses.asdict(config)))
-    resumable = {field.name for field in dataclasses.fields(config)
-                 if field.metadata.get("resumable")}
+    resumable = resumable_settings(config)
     return {k: v for k, v in values.items() if k not in resumable}
+
+
+def resumable_settings(config):
+    """The names of the settings of `config` (a dataclass or its class) that a rerun
+    may change and still resume its run: the fields marked `resumable`."""
+    return {field.name for field in dataclasses.fields(config)
+            if field.metadata.get("resumable")}
 
 
 def setting_differences(recorded, config):

@@ -247,12 +247,6 @@ def from_record(record):
     })
 
 
-def resumable_settings():
-    """The names of the settings a rerun may change and still resume its run."""
-    return tuple(field.name for field in dataclasses.fields(TrainConfig)
-                 if field.metadata.get("resumable"))
-
-
 def check_config(config, method):
     """Raises `ValueError` (one line) on flag values that cannot work."""
     for field in dataclasses.fields(config):  # nan and inf pass every comparison below
