@@ -14,7 +14,10 @@ it reports per teacher n:
   the teacher's map direction; sqrt(2): orthogonal).
 
 It writes `analysis.json` and a bar chart `reconstruction_error.png` into
-`--output_dir`, side by side for every run.
+`--output_dir`, side by side for every run. An `analysis.json` there that is
+not such a report, or a `reconstruction_error.png` that is not a PNG image,
+is refused with one line (exit 1) before anything is measured, unless
+`--overwrite` is given; other files in the folder are never touched.
 
 Run folders of keras-feed 0.1.0, whose student and teachers expect images
 normalised with the dataset's mean and std, are analysed too: `--dataset`'s
@@ -36,6 +39,55 @@ flags.DEFINE_enum("split", "test", ["test", "train"], "Which split to measure on
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("max_examples", None, "Measure on the first N examples of the split only.")
 flags.DEFINE_string("output_dir", "analysis", "Where analysis.json and the chart are written.")
+flags.DEFINE_bool("overwrite", False, "Replace an analysis.json in --output_dir that is not an analysis "
+                  "report, or a reconstruction_error.png that is not a PNG image.")
+
+REPORT_NAME = "analysis.json"
+CHART_NAME = "reconstruction_error.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The keys of every report this command writes.
+REPORT_KEYS = ("dataset", "split", "runs")
+
+
+def foreign_report(path):
+    """What is at `path`, if it is not an analysis report this command wrote; else None."""
+    import json
+
+    if not os.path.isfile(path) or os.path.islink(path):
+        return "not a regular file"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            report = json.load(handle)
+    except (ValueError, UnicodeDecodeError):
+        return f"a file of {os.path.getsize(path):,} bytes that is not JSON"
+    if not isinstance(report, dict) or not all(key in report for key in REPORT_KEYS) or not isinstance(
+            report["runs"], list):
+        return "a JSON file that is not a keras-feed-analyze report"
+    return None
+
+
+def foreign_chart(path):
+    """What is at `path`, if it is not a PNG image; else None."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return "not a regular file"
+    with open(path, "rb") as handle:
+        if handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE:
+            return None
+    return f"a file of {os.path.getsize(path):,} bytes that is not a PNG image"
+
+
+def check_outputs(folder, overwrite):
+    """Raises a one-line `ValueError` unless the outputs may be written into `folder`."""
+    from keras_feed import storage
+
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output_dir {folder} is a file, not a folder: name a folder.")
+    if overwrite:
+        return
+    for name, foreign in ((REPORT_NAME, foreign_report), (CHART_NAME, foreign_chart)):
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and foreign(path) is not None:
+            raise storage.OutputExistsError(path, foreign(path), "--overwrite")
 
 
 def main():
@@ -43,6 +95,7 @@ def main():
     from keras_feed import data as data_lib
     from keras_feed import storage
 
+    check_outputs(FLAGS.output_dir, FLAGS.overwrite)  # before the work
     labels = FLAGS.labels or [os.path.basename(os.path.normpath(run)) for run in FLAGS.runs]
     if len(labels) != len(FLAGS.runs):
         raise ValueError(f"--labels names {len(labels)} runs, --runs {len(FLAGS.runs)}.")
@@ -67,9 +120,14 @@ def main():
         print(f"{label}: relative L2 error per teacher {errors}")
     report = {"dataset": data.info.name, "split": FLAGS.split, "runs": results}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    storage.write_json(os.path.join(FLAGS.output_dir, "analysis.json"), report)
-    analysis.plot(results, os.path.join(FLAGS.output_dir, "reconstruction_error.png"))
-    print(f"Wrote {FLAGS.output_dir}/analysis.json and reconstruction_error.png")
+    check_outputs(FLAGS.output_dir, FLAGS.overwrite)  # nothing new appeared meanwhile
+    try:
+        storage.write_json(os.path.join(FLAGS.output_dir, REPORT_NAME), report,
+                           replaceable=None if FLAGS.overwrite else foreign_report)
+    except storage.OutputExistsError as error:
+        raise error.with_hint("--overwrite") from None
+    analysis.plot(results, os.path.join(FLAGS.output_dir, CHART_NAME))
+    print(f"Wrote {FLAGS.output_dir}/{REPORT_NAME} and {CHART_NAME}")
 
 
 def run():

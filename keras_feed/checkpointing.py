@@ -462,6 +462,9 @@ class StageCheckpoint(keras.callbacks.Callback):
                 variable.assign(value)
         self._metric_values = None
 
+    def on_train_batch_begin(self, batch, logs=None):
+        interrupts.signal_point(self.stage, self._segment_start + batch + 1)
+
     def on_train_batch_end(self, batch, logs=None):
         self.step = self._segment_start + batch + 1
         self._session_steps += 1
@@ -471,9 +474,11 @@ class StageCheckpoint(keras.callbacks.Callback):
                 f"Stage {self.stage} stopped at {self.describe(self.step)}: the loss "
                 f"term '{bad[0]}' is {bad[1]}. {self._kept()}"
             )
-        end_of_epoch = self.step % self.steps_per_epoch == 0
-        periodic = self.every_steps and self.step % self.every_steps == 0
-        if (periodic or interrupts.pending()) and not end_of_epoch:
+        if self.step % self.steps_per_epoch == 0:
+            # The epoch's last step: `on_epoch_end` saves it once the epoch's logs
+            # (and validation) are in, then takes a pending Ctrl-C or SIGTERM.
+            return
+        if (self.every_steps and self.step % self.every_steps == 0) or interrupts.pending():
             self.save()  # also when Ctrl-C or SIGTERM came during the step: no step is lost
         interrupts.check()  # ... which then stops the run here
 
@@ -537,6 +542,8 @@ def fit_resumable(model, data, *, folder, epochs, steps_per_epoch, every_steps=0
         folder, stage=stage, steps_per_epoch=steps_per_epoch, epochs=epochs,
         every_steps=every_steps,
     )
+    # tf.distribute's scope; on JAX, Keras lays restored values out as the
+    # variables were created (the `keras.distribution` current then).
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow only
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         checkpoint.restore(model)

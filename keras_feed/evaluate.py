@@ -18,6 +18,7 @@ Prints one JSON object: the model, its format and head, the split, the number
 of examples, the top-1 accuracy and the mean cross-entropy.
 """
 
+import contextlib
 import json
 import os
 
@@ -71,9 +72,11 @@ class Predictor:
 def _saved_model(path):
     import tensorflow as tf
 
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise ValueError(f"Not a SavedModel folder (no saved_model.pb): {path}")
-    loaded = tf.saved_model.load(path)
+    from keras_feed import storage
+
+    storage.check_saved_model(path)
+    with _loading(path, "SavedModel"):
+        loaded = tf.saved_model.load(path)
     if "serving_default" not in loaded.signatures:
         raise ValueError(f"SavedModel {path} has no serving_default signature.")
     signature = loaded.signatures["serving_default"]
@@ -90,14 +93,17 @@ def _saved_model(path):
 def _litert(path):
     import warnings
 
+    from keras_feed import storage
+
+    storage.check_litert_file(path)  # the runtime trusts the file: a damaged one crashes it
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter  # noqa: N806
-    with warnings.catch_warnings():  # tf.lite.Interpreter warns that it is deprecated
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(), _loading(path, "LiteRT model"):
+        warnings.simplefilter("ignore", UserWarning)  # tf.lite.Interpreter warns that it is deprecated
         interpreter = Interpreter(model_path=path)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
@@ -122,7 +128,11 @@ def _onnx(path):
         import onnxruntime
     except ImportError:
         raise ValueError(f"Evaluating {path} needs the onnxruntime package: pip install onnxruntime.") from None
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    from keras_feed import storage
+
+    storage.check_onnx_file(path)
+    with _loading(path, "ONNX model"):
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     source = session.get_inputs()[0]
     dtypes = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
     if source.type not in dtypes:
@@ -132,6 +142,20 @@ def _onnx(path):
         return session.run(None, {source.name: images})[0]
 
     return run, dtypes[source.type]
+
+
+@contextlib.contextmanager
+def _loading(path, what):
+    """Turns a runtime's failure to load `path` into a one-line `storage.ModelFileError`."""
+    from keras_feed import storage
+
+    try:
+        yield
+    except storage.ModelFileError:
+        raise
+    except Exception as error:  # noqa: BLE001 (each runtime fails in its own way)
+        raise storage.ModelFileError(
+            f"Cannot load {path} as a {what}: {storage.first_line(error)}") from None
 
 
 def load_predictor(path, *, unsafe=False, preprocessing="auto", statistics=None):
@@ -145,6 +169,11 @@ def load_predictor(path, *, unsafe=False, preprocessing="auto", statistics=None)
         model without its own preprocessing layer, or an export that takes
         float32 inputs rather than uint8 images.
       statistics: `() -> (mean, std)` of the dataset, for `"dataset"`.
+
+    Raises:
+      ValueError: one line naming the problem; `storage.ModelFileError` for a
+        missing, truncated or foreign model file, checked before a native
+        runtime reads it (a damaged `.tflite` would crash the LiteRT runtime).
     """
     import numpy as np
 

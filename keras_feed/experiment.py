@@ -48,7 +48,7 @@ from keras_feed.translators import save_translators  # noqa: F401
 
 
 def describe_plan(experiment):
-    """The plan of a run (models, parameter counts, steps) as printable lines."""
+    """The plan of a run (models, parameter counts, steps, devices) as printable lines."""
     config, info = experiment.config, experiment.info
     student = experiment.checked_models["student"]
     teachers = experiment.checked_models["teachers"]
@@ -93,6 +93,7 @@ def describe_plan(experiment):
         f"{config.momentum}, weight decay {config.weight_decay}, beta {config.beta}"
         + (f", kd_weight {config.kd_weight}, T {config.temperature}" if config.kd_weight else "")
     )
+    lines.append(distribute.describe_devices(experiment.strategy, config.strategy, config.batch_size))
     lines.append(f"outputs: {config.model_dir}")
     return lines
 
@@ -106,6 +107,11 @@ def run(config, *, strategy=None):
 
     With `config.dry_run`, validates everything, prints the plan and returns
     `{"plan": [...lines]}` without training or writing anything.
+
+    `strategy` (default: `distribute.make_strategy(config.strategy, ...)`) is
+    where it trains: a `tf.distribute.Strategy` on TensorFlow, whose scope
+    `Experiment` enters where it builds; a `distribute.JaxDevices` on JAX, whose
+    `keras.distribution` is set for the whole run.
     """
     method = methods.get(config.method)
     if strategy is None:
@@ -119,7 +125,8 @@ def run(config, *, strategy=None):
         model_dir=distribute.worker_path(strategy, config.model_dir),
         teacher_dir=distribute.worker_path(strategy, config.teacher_dir),
     )
-    with dtype_policy(config.mixed_precision):  # before any model is built
+    # Before any model is built: the dtype policy, and on JAX the devices.
+    with dtype_policy(config.mixed_precision), distribute.run_scope(strategy):
         return _run(config, method, strategy)
 
 
@@ -157,6 +164,7 @@ def _run(config, method, strategy):
             return model_dir.finished
         if model_dir.resuming:
             say("Resuming the run in %s", config.model_dir)
+        say("%s", distribute.describe_devices(strategy, config.strategy, config.batch_size))
         if config.baseline:
             experiment.train_baseline()
         keras.utils.set_random_seed(config.seed)

@@ -11,7 +11,14 @@ reloads with `keras.layers.TFSMLayer(path, call_endpoint="serving_default")` or
 needs the `tf2onnx` and `onnx` packages). Every export holds the student alone
 and takes uint8 images `(N, H, W, C)` as the dataset stores them: the
 normalisation is the model's own first layer. `--output` (alias
-`--export_dir`) is replaced only once the new export is complete.
+`--export_dir`) is replaced only once the new export is complete, in one
+atomic swap.
+
+What is at `--output` is replaced only if it is an earlier export of the same
+format (or an empty folder): a folder holding anything but a SavedModel, a
+file where the SavedModel folder goes, a `.tflite` that is not a LiteRT model
+or an `.onnx` that is not an ONNX model is refused with one line (exit 1),
+unless `--overwrite` is given. Files beside `--output` are never touched.
 
 A student written by keras-feed 0.1.0 has no normalisation inside: say what it
 expects with `--preprocessing=dataset` (with `--dataset` / `--data_dir`, whose
@@ -31,6 +38,8 @@ flags.DEFINE_enum("format", "tf_saved_model", ["tf_saved_model", "litert", "onnx
                   "Export format: a SavedModel folder, a LiteRT .tflite file or an ONNX .onnx file.")
 flags.DEFINE_string("output", None, "The SavedModel folder, .tflite or .onnx file to write.", required=True)
 flags.DEFINE_alias("export_dir", "output")
+flags.DEFINE_bool("overwrite", False, "Replace what is at --output even if it is not an earlier "
+                  "export of this format (a folder or file of other contents).")
 
 
 def load_student():
@@ -60,8 +69,12 @@ def load_student():
 def main():
     from keras_feed import storage
 
-    model = load_student()
-    storage.export_model(model, FLAGS.output, FLAGS.format)
+    try:
+        storage.check_export_path(FLAGS.output, FLAGS.format, overwrite=FLAGS.overwrite)  # before the work
+        model = load_student()
+        storage.export_model(model, FLAGS.output, FLAGS.format, overwrite=FLAGS.overwrite)
+    except storage.OutputExistsError as error:
+        raise error.with_hint("--overwrite") from None
     print(f"Exported {model.name} ({model.count_params():,} parameters) as {FLAGS.format} to "
           f"{FLAGS.output}; it takes uint8 images (N, {', '.join(str(d) for d in model.inputs[0].shape[1:])})")
 

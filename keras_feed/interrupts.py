@@ -13,9 +13,15 @@ own Ctrl-C does.
 
 SIGTERM raises `Terminated`, a `BaseException` like `KeyboardInterrupt`, so
 that no `except Exception` on the way swallows it.
+
+`signal_point` lets a test land a signal at an exact point of a run (a step of
+a stage, an output file written) through the `KERAS_FEED_SIGNAL_AT`
+environment variable, where a signal sent from outside would land wherever the
+process happens to be.
 """
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -76,3 +82,32 @@ def check():
     if signum is not None:
         _STATE["pending"] = None
         raise _EXCEPTIONS[signum]()
+
+
+#: The test hook read by `signal_point`: "<point>=<SIGNAL>", e.g. "student/16=SIGTERM".
+SIGNAL_AT = "KERAS_FEED_SIGNAL_AT"
+
+_FIRED = []  # the hook fires once per process
+
+
+def signal_point(*point):
+    """Raises the signal that `KERAS_FEED_SIGNAL_AT` names for `point`, once.
+
+    The variable is "<point>=<SIGNAL>", the point's parts joined by "/". A run
+    calls this as each stage begins a step (`"<stage>", step`, steps counted
+    from 1 over the whole stage: "student/16=SIGTERM" lands a SIGTERM in step
+    16 of the student stage) and as it writes each output file (`"outputs",
+    file name`: "outputs/student.keras=SIGKILL" kills the run once the student
+    is saved). Unset, or naming another point, it does nothing.
+    """
+    spec = os.environ.get(SIGNAL_AT)
+    if not spec or _FIRED:
+        return
+    where, _, name = spec.rpartition("=")
+    if where != "/".join(str(part) for part in point):
+        return
+    signum = getattr(signal, name, None)
+    if not isinstance(signum, signal.Signals):
+        raise ValueError(f"{SIGNAL_AT}={spec}: {name} is not a signal name (e.g. SIGTERM).")
+    _FIRED.append(spec)
+    signal.raise_signal(signum)

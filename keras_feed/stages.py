@@ -21,6 +21,7 @@ from keras_feed import data as data_lib
 from keras_feed import distiller as distiller_lib
 from keras_feed import distribute
 from keras_feed import frozen
+from keras_feed import interrupts
 from keras_feed import models
 from keras_feed import storage
 from keras_feed import summary
@@ -39,7 +40,7 @@ class Experiment:
     def __init__(self, config, method, *, strategy=None):
         self.config = config
         self.method = method
-        self.strategy = strategy or tf.distribute.get_strategy()
+        self.strategy = strategy or distribute.make_strategy("default")
         config_lib.check_config(config, method)
         distribute.check_batch_size(self.strategy, config.batch_size)
         which = dict(  # what describe and load both take
@@ -60,6 +61,10 @@ class Experiment:
             )
             self.info = self.data.info
             self.data.steps_per_epoch(config.batch_size)  # raises if the batch is too large
+        if config.validation_freq:  # on the split `splits()` gives last
+            split = "validation" if self.info.num_validation else "test"
+            distribute.check_evaluation_split(
+                self.strategy, split, getattr(self.info, f"num_{split}"))
         self.input_shape = tuple(self.info.image_shape)
         self.num_classes = self.info.num_classes
         self.history = {}
@@ -274,14 +279,15 @@ class Experiment:
             model.compile(
                 optimizer=config_lib.make_optimizer(config, steps, epochs, learning_rate),
                 metrics=metrics,
-                jit_compile=config.jit_compile,
+                jit_compile=config.jit_compile or distribute.compiles_steps(self.strategy),
             )
         validation = {}
         if validate and config.validation_freq:
             validation = dict(
-                validation_data=distribute.evaluation_dataset(
-                    self.strategy, self._batches(self.splits()[-1])
-                ),
+                validation_data=distribute.evaluation_dataset(self.strategy, self._batches(
+                    self.splits()[-1],
+                    distribute.evaluation_batch_size(self.strategy, config.eval_batch_size),
+                )),
                 validation_freq=config.validation_freq,
             )
         verbose = config.verbose
@@ -327,8 +333,8 @@ class Experiment:
         """The splits models are scored on: the test split, and the validation split if held out."""
         return ("test", "validation") if self.data.num_validation else ("test",)
 
-    def _batches(self, split):
-        batch_size = self.config.eval_batch_size
+    def _batches(self, split, batch_size=None):
+        batch_size = batch_size or self.config.eval_batch_size
         return self.data.validation(batch_size) if split == "validation" else self.data.test(batch_size)
 
     def predict_probabilities(self, model, split="test"):
@@ -452,6 +458,7 @@ class Experiment:
                 metrics[f"{prefix}gain"] = (metrics["student"][f"{split}_accuracy"]
                                             - self.baseline_metrics[f"{split}_accuracy"])
         storage.save_model(student, os.path.join(model_dir, "student.keras"))
+        interrupts.signal_point("outputs", "student.keras")
         if distiller is not None and distiller.translators:
             translators_lib.save_translators(
                 distiller, os.path.join(model_dir, "translators.weights.h5"))

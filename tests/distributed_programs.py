@@ -5,7 +5,8 @@ distributed check runs here, in a process of its own:
 
     python distributed_programs.py mirrored OUT.json
         two logical CPU devices: FEED steps on one device, then mirrored over
-        both at the same global batch; writes per-step logs and weights.
+        both at the same global batch; writes per-step logs and weights, and
+        the devices line of a plan.
     python distributed_programs.py multi_worker OUT.json MODEL_DIR TEACHER
         one worker of the cluster in TF_CONFIG: a whole pFEED run from the
         teacher file TEACHER with --strategy=multi_worker; writes its final
@@ -147,6 +148,7 @@ def mirrored(out_path):
         "mirrored_local_batchnorm": feed_steps(strategy, dataset, synchronized=False),
         "batchnorm_one_step": batchnorm_one_step(strategy, dataset),
         "decay": {str(wd): decay_step(strategy, dataset, wd) for wd in (0.0, 0.01)},
+        "devices": distribute.describe_devices(strategy, "mirrored", GLOBAL_BATCH),
     }
     with open(out_path, "w") as handle:
         json.dump(results, handle)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -146,3 +148,92 @@ def test_teacher_with_wrong_class_count(pfeed_run, tmp_path):
     assert result.returncode == 1
     assert "3 classes" in result.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "out")
+
+
+# -- every installed command: its own --help, and the Keras backends it runs on ----------
+
+#: Each command, a flag of its own and the start of that flag's help.
+COMMANDS = {
+    "keras-feed-train": ("lr_decay_factor",
+                         "Step schedule: the decay factor (1: no decay). Range: (0, 1]."),
+    "keras-feed-eval": ("model_path", "A .keras file, a SavedModel folder"),
+    "keras-feed-export": ("student", "The student's .keras file."),
+    "keras-feed-analyze": ("runs", "Comma-separated run folders"),
+}
+
+#: The flags each command takes besides its own.
+SHARED_FLAGS = ("dataset", "data_dir", "image_size", "unsafe_load")
+
+
+def installed(command):
+    path = shutil.which(command)
+    assert path, f"{command} is not installed (pip install -e .)"
+    return path
+
+
+def imported_modules(stderr):
+    """The modules a run with PYTHONPROFILEIMPORTTIME=1 imported, from its stderr."""
+    return set(re.findall(r"^import time:.*\|\s+([\w.]+)$", stderr, re.MULTILINE))
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_lists_the_command_s_own_flags(command):
+    name, help_text = COMMANDS[command]
+    result = subprocess.run([installed(command), "--help"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # absl wraps the help at 80 columns
+    assert f"--{name}: {help_text}" in text, result.stdout
+    assert command in result.stdout.splitlines()[0]  # the command's own usage first
+    for flag in SHARED_FLAGS:
+        assert re.search(rf"--(\[no\])?{flag}:", text), flag
+    for absl_flag in ("--flagfile:", "--logtostderr", "--verbosity", "--only_check_args"):
+        assert absl_flag not in text
+    if command == "keras-feed-train":  # every setting, with its range
+        from keras_feed import config
+
+        for spec in config.flag_specs():
+            assert re.search(rf"--(\[no\])?{spec.name}:", text), spec.name
+            if spec.bounds is not None:
+                assert f"Range: {'each ' if spec.item else ''}{spec.bounds}." in text, spec.name
+    else:  # --method and --teacher_preprocessing need train's registries, and so Keras
+        assert "tensorflow" not in imported_modules(result.stderr)
+        assert "keras" not in imported_modules(result.stderr)
+
+
+def test_help_has_a_short_form():
+    result = subprocess.run([installed("keras-feed-export"), "-h"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "--student: The student's .keras file." in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_unsupported_backend_is_refused_in_one_line(command, tmp_path):
+    result = subprocess.run([installed(command), "--dataset=synthetic"], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, KERAS_BACKEND="torch"))
+    assert result.returncode == 1
+    expected = (
+        f"{command}: error: keras-feed runs on the Keras backends tensorflow and jax, not "
+        "'torch' (set by KERAS_BACKEND); set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax.")
+    assert result.stderr.splitlines() == [expected], result.stderr
+    assert not result.stdout
+
+
+@pytest.mark.parametrize("command,args", [
+    ("keras-feed-train", ["--dataset=synthetic", "--dry_run"]),
+    ("keras-feed-eval", ["--model_path=student.keras", "--dataset=synthetic"]),
+])
+def test_a_keras_json_backend_is_refused_in_one_line(command, args, tmp_path):
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "numpy"}))
+    environment = dict(os.environ, KERAS_HOME=str(tmp_path))
+    environment.pop("KERAS_BACKEND", None)
+    model_dir = tmp_path / "run"
+    result = subprocess.run([installed(command), *args, f"--model_dir={model_dir}"],
+                            capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 1
+    expected = (
+        f"{command}: error: keras-feed runs on the Keras backends tensorflow and jax, not "
+        f"'numpy' (from {tmp_path / 'keras.json'}); set KERAS_BACKEND=tensorflow or "
+        "KERAS_BACKEND=jax.")
+    assert result.stderr.splitlines() == [expected], result.stderr
+    assert not model_dir.exists()

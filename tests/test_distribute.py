@@ -6,6 +6,7 @@ logical devices and the cluster are fixed when TensorFlow initialises.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -74,6 +75,18 @@ def test_strategy_names_and_one_device_defaults():
             pass
 
 
+def test_the_dry_run_names_the_strategy_and_its_devices(tmp_path):
+    config = experiment.TrainConfig(
+        method="ce", dataset="synthetic", model="resnet8", train_examples=32, batch_size=16,
+        epochs=1, dry_run=True, model_dir=str(tmp_path / "run"),
+    )
+    plan = experiment.run(config)["plan"]
+    devices = [line for line in plan if line.startswith("devices: ")]
+    assert len(devices) == 1 and re.fullmatch(
+        r"devices: default, one (CPU|GPU) device \((cpu|gpu):0\), batch 16", devices[0]), plan
+    assert not (tmp_path / "run").exists()
+
+
 def test_mirrored_steps_match_one_device(tmp_path):
     """Two logical CPUs: same per-step logs and weights as one device, same global batch."""
     out = str(tmp_path / "mirrored.json")
@@ -81,6 +94,9 @@ def test_mirrored_steps_match_one_device(tmp_path):
     with open(out) as handle:
         results = json.load(handle)
     one, mirrored = results["one_device"], results["mirrored"]
+    assert results["devices"] == (
+        "devices: mirrored over 2 CPU devices (cpu:0, cpu:1), global batch 16 = 8 per device"
+    )
     assert (one["replicas"], mirrored["replicas"]) == (1, 2)
     assert len(one["steps"]) == len(mirrored["steps"]) == 4
     for expected, got in zip(one["steps"], mirrored["steps"]):

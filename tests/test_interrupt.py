@@ -1,22 +1,26 @@
 """Ctrl-C and SIGTERM stop `keras-feed-train` with one line; the same command resumes.
 
-Each run is a `python -m keras_feed.train` subprocess on tiny synthetic data,
-interrupted once its student stage has written a periodic checkpoint.
+Each run is a `python -m keras_feed.train` subprocess on tiny synthetic data. The
+signal is raised by the run itself at an exact step (`keras_feed.interrupts`'
+`KERAS_FEED_SIGNAL_AT` hook), so where it lands never depends on timing: a step
+between two periodic checkpoints, and an epoch's last step.
 """
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-TIMEOUT = 600  # seconds, for a busy machine
+from keras_feed import interrupts
 
-# 32 steps an epoch, 3 epochs, a checkpoint every 3 steps: interrupted mid-epoch, with
-# time to spare before the stage ends.
+TIMEOUT = 600  # seconds, for a busy machine
+STEPS_PER_EPOCH = 32
+
+# 32 steps an epoch, 3 epochs, a checkpoint every 3 steps.
 RUN = [
     "--method=ce",
     "--dataset=synthetic",
@@ -32,16 +36,21 @@ RUN = [
 
 MESSAGE = re.compile(
     r"keras-feed-train: interrupted at step (\d+) of stage student; run the same command "
-    r"again to resume from its last checkpoint, step (\d+) \(epoch \d+, batch \d+\)"
+    r"again to resume from its last checkpoint, step (\d+) \(epoch (\d+), batch (\d+)\)"
 )
 
 
-def start(model_dir, log_path):
+def train(model_dir, log_path, signal_at=None):
+    """Runs the training command to its end; returns its exit status."""
+    environment = dict(os.environ)
+    environment.pop(interrupts.SIGNAL_AT, None)
+    if signal_at:
+        environment[interrupts.SIGNAL_AT] = signal_at
     with open(log_path, "w") as log:
-        return subprocess.Popen(
+        return subprocess.run(
             [sys.executable, "-m", "keras_feed.train", *RUN, f"--model_dir={model_dir}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+            stdout=log, stderr=subprocess.STDOUT, env=environment, timeout=TIMEOUT,
+        ).returncode
 
 
 def output_lines(log_path):
@@ -51,45 +60,53 @@ def output_lines(log_path):
                 line.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
 
 
-def wait_for_checkpoint(path, process):
-    deadline = time.time() + TIMEOUT
-    while not os.path.exists(path):
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline, f"no checkpoint {path} within {TIMEOUT} s"
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize("signal_number,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_interrupted_run_says_where_and_the_same_command_resumes(tmp_path, signal_number,
+@pytest.mark.parametrize("signal_name,step,status", [
+    ("SIGTERM", 4, 143),  # between the checkpoints of steps 3 and 6
+    ("SIGINT", STEPS_PER_EPOCH, 130),  # the first epoch's last step
+])
+def test_interrupted_run_says_where_and_the_same_command_resumes(tmp_path, signal_name, step,
                                                                   status):
     model_dir = str(tmp_path / "run")
     log_path = str(tmp_path / "interrupted.txt")
-    process = start(model_dir, log_path)
-    try:
-        checkpoint = os.path.join(model_dir, "checkpoints", "student", "state.npz")
-        wait_for_checkpoint(checkpoint, process)
-        process.send_signal(signal_number)
-        process.wait(timeout=TIMEOUT)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    returncode = train(model_dir, log_path, signal_at=f"student/{step}={signal_name}")
     lines = output_lines(log_path)
-    assert process.returncode == status, "\n".join(lines)
+    assert returncode == status, "\n".join(lines)
     assert "Traceback" not in "\n".join(lines)
     match = MESSAGE.fullmatch(lines[-1])
     assert match, lines[-1]
-    step, saved_step = int(match[1]), int(match[2])
     # The signal takes effect at the end of its step, which is checkpointed first.
-    assert 3 <= saved_step == step < 96
+    epoch, batch = divmod(step - 1, STEPS_PER_EPOCH)
+    assert [int(group) for group in match.groups()] == [step, step, epoch + 1, batch + 1]
     # The lock is released, and the checkpoint the message names is what a rerun resumes.
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
     log_path = str(tmp_path / "resumed.txt")
-    process = start(model_dir, log_path)
-    assert process.wait(timeout=TIMEOUT) == 0, "\n".join(output_lines(log_path))
+    assert train(model_dir, log_path) == 0, "\n".join(output_lines(log_path))
     output = "\n".join(output_lines(log_path))
-    assert f"Stage student: resuming at step {saved_step + 1} " in output, output
-    assert os.path.exists(os.path.join(model_dir, "metrics.json"))
+    assert f"Stage student: resuming at step {step + 1} " in output, output
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        history = json.load(handle)["stages"]["student"]["history"]
+    # Every epoch's logs are kept, the interrupted one's too.
+    assert history and all(len(values) == 3 for values in history.values()), history
+
+
+def test_signal_point_raises_the_named_signal_once(monkeypatch):
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    monkeypatch.setattr(interrupts, "_FIRED", [])
+    try:
+        monkeypatch.setenv(interrupts.SIGNAL_AT, "student/16=SIGUSR1")
+        interrupts.signal_point("student", 15)
+        interrupts.signal_point("teacher_0", 16)
+        assert received == []
+        interrupts.signal_point("student", 16)
+        interrupts.signal_point("student", 16)
+        assert received == [signal.SIGUSR1]
+        monkeypatch.setattr(interrupts, "_FIRED", [])
+        monkeypatch.setenv(interrupts.SIGNAL_AT, "student/1=SIGNOPE")
+        with pytest.raises(ValueError, match="SIGNOPE is not a signal name"):
+            interrupts.signal_point("student", 1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_message_names_the_checkpoint_on_disk(tmp_path, monkeypatch):

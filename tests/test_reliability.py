@@ -2,20 +2,19 @@
 a run cleanly, bad inputs fail with one line before training, unsafe files are refused.
 
 Every run here is a `python -m keras_feed.train` subprocess on tiny synthetic data;
-independent runs go concurrently (a few at a time) to keep the file's time modest,
-and everything that waits for a run polls files with generous timeouts, so a slow,
-busy machine only makes the tests slower.
+independent runs go concurrently (a few at a time) to keep the file's time modest.
+Interrupted runs are stopped by the run itself at an exact point
+(`keras_feed.interrupts.signal_point`), never by a signal timed from outside, so a
+slow, busy machine only makes the tests slower.
 """
 
 import concurrent.futures
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import keras
@@ -24,13 +23,14 @@ import pytest
 from conftest import snapshot
 
 from keras_feed import checkpointing
+from keras_feed import interrupts
 from keras_feed import storage
 
 TIMEOUT = 600  # seconds for one run on a busy machine
 POOL = 3  # runs at a time
 
 # 16 steps an epoch, 2 epochs for the teacher and 2 for the student, a checkpoint every
-# 3 steps: a kill at a random moment lands mid-epoch most of the time.
+# 3 steps.
 RUN = [
     "--method=pfeed",
     "--dataset=synthetic",
@@ -56,11 +56,15 @@ def command(*args):
     return [sys.executable, "-m", "keras_feed.train", *args]
 
 
-def start(args, log_path):
-    """Starts a training run in its own process group; its output goes to `log_path`."""
+def start(args, log_path, environment=None):
+    """Starts a training run in its own process group; its output goes to `log_path`.
+
+    `environment`: variables to set for it (e.g. `interrupts.SIGNAL_AT`).
+    """
     log = open(log_path, "w")
+    env = {key: value for key, value in os.environ.items() if key != interrupts.SIGNAL_AT}
     process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env={**env, **(environment or {})})
     log.close()
     return process
 
@@ -143,18 +147,6 @@ def reference(tmp_path_factory):
 # -- 1. resume -----------------------------------------------------------------
 
 
-def wait_for(path, process, since, timeout=TIMEOUT):
-    """Polls until `path` was written after `since` (True) or `process` has exited (False)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(path) and os.stat(path).st_mtime >= since:
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.02)
-    raise AssertionError(f"{path} was not written within {timeout} s")
-
-
 def saved_step(path):
     """The step recorded in the stage checkpoint `path`, or None if there is none to read."""
     try:
@@ -164,87 +156,50 @@ def saved_step(path):
         return None
 
 
-def wait_for_step(path, process, since, step, timeout=TIMEOUT):
-    """Polls until the stage checkpoint `path`, written after `since`, records at least
-    `step` steps (True), or `process` has exited (False)."""
-    deadline = time.time() + timeout
-    seen = None
-    while time.time() < deadline:
-        try:
-            status = os.stat(path)
-        except FileNotFoundError:
-            status = None
-        if status is not None and status.st_mtime >= since:
-            version = (status.st_ino, status.st_mtime_ns, status.st_size)
-            if version != seen:
-                seen = version
-                if (saved_step(path) or 0) >= step:
-                    return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.02)
-    raise AssertionError(f"{path} did not reach step {step} within {timeout} s")
-
-
 STAGE_STEPS = 32  # 2 epochs x 16 steps, for the teacher and the student alike
-# The steps a stage checkpoint is written at (every 3 steps, and each epoch's end) early
-# enough that a kill just after one of them lands well before the stage ends.
-KILL_STEPS = [3, 6, 9, 12, 15, 16, 18, 21]
+# Where each attempt is stopped, by the run itself (`interrupts.signal_point`), so that
+# nothing depends on timing: SIGKILL as the teacher begins step 8 (its last checkpoint
+# is step 6's), SIGTERM in the student's step 16 (its first epoch's last step), SIGKILL
+# once student.keras is written. (stage, signal point, signal, checkpoint left on disk)
+INTERRUPTIONS = [
+    ("teacher_0", "teacher_0/8", signal.SIGKILL, 6),
+    ("student", "student/16", signal.SIGTERM, 16),
+    ("outputs", "outputs/student.keras", signal.SIGKILL, None),
+]
 
 
 def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
-    """SIGKILL mid-stage in the teacher and while the outputs are written, SIGTERM
-    mid-stage in the student (each at a random moment after a random checkpoint), rerun:
-    each interrupted stage resumes at the step after its last checkpoint (for SIGTERM, the
-    one written at the interruption), the stages done are not redone, and the student ends
-    bitwise equal to an uninterrupted run."""
+    """SIGKILL mid-stage in the teacher and while the outputs are written, SIGTERM at the
+    end of an epoch of the student, rerun: each interrupted stage resumes at the step
+    after its last checkpoint (for SIGTERM, the one written at the interruption), the
+    stages done are not redone, and the student ends bitwise equal to an uninterrupted
+    run."""
     model_dir = str(tmp_path / "run")
     args = RUN + [f"--model_dir={model_dir}"]
-    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 100000))
-    rng = random.Random(seed)
     checkpoints = os.path.join(model_dir, "checkpoints")
-    # (stage interrupted, what triggers the kill): a stage is killed as soon as its
-    # checkpoint records a random step or more (the polling puts the kill at a random
-    # moment after that checkpoint); the outputs, as soon as student.keras appears.
-    plan = [("teacher_0", rng.choice(KILL_STEPS), signal.SIGKILL),
-            ("student", rng.choice(KILL_STEPS), signal.SIGTERM),
-            ("outputs", None, signal.SIGKILL)]
     logs, resumes = [], []
-    for attempt, (stage, step, signal_number) in enumerate(plan):
+    for attempt, (stage, point, signal_number, kept) in enumerate(INTERRUPTIONS):
         log_path = str(tmp_path / f"attempt_{attempt}.txt")
-        started = time.time()
-        process = start(args, log_path)
-        if stage == "outputs":
-            triggered = wait_for(os.path.join(model_dir, "student.keras"), process, since=started)
-        else:
-            state = os.path.join(checkpoints, stage, checkpointing.STATE_FILE)
-            triggered = wait_for_step(state, process, since=started, step=step)
-        if triggered:
-            os.killpg(process.pid, signal_number)
-        process.wait(timeout=TIMEOUT)
-        with open(log_path) as handle:
-            logs.append(handle.read())
-        context = f"attempt {attempt} (kill seed {seed}, rerun with KILL_SEED={seed}):\n{logs[-1]}"
-        assert triggered, f"the run ended before the kill in {stage}; {context}"
+        signal_at = {interrupts.SIGNAL_AT: f"{point}={signal_number.name}"}
+        returncode, output = finish(start(args, log_path, signal_at), log_path)
+        logs.append(output)
+        context = f"attempt {attempt}:\n{output}"
         expected = -signal.SIGKILL if signal_number == signal.SIGKILL else 128 + signal_number
-        assert process.returncode == expected, context
+        assert returncode == expected, context
         if signal_number == signal.SIGTERM:
-            match = re.search(r"interrupted at step (\d+) of stage (\w+); run the same command "
-                              r"again to resume from its last checkpoint, step (\d+) ", logs[-1])
-            assert match and match[2] == stage and match[1] == match[3], context
-            assert saved_step(state) == int(match[1]), f"not saved at the interruption; {context}"
+            assert re.search(rf"interrupted at step {kept} of stage {stage}; run the same "
+                             rf"command again to resume from its last checkpoint, step "
+                             rf"{kept} ", output), context
         if stage != "outputs":
             # The process is dead: the checkpoint on disk is the one the rerun restores.
-            done = saved_step(state)
-            assert done is not None and step <= done < STAGE_STEPS, (
-                f"stage {stage} was not killed mid-stage (checkpoint at step {done}); {context}")
-            resumes.append((attempt + 1, stage, done + 1))
+            state = os.path.join(checkpoints, stage, checkpointing.STATE_FILE)
+            assert saved_step(state) == kept, context
+            resumes.append((attempt + 1, stage, kept + 1))
         assert_outputs_complete(model_dir)
     returncode, output = run(args, str(tmp_path / "final.txt"))
     logs.append(output)
     assert returncode == 0, output
-    history = "\n---\n".join(error_lines("\n".join(logs)))
-    context = f"kill seed {seed} (rerun with KILL_SEED={seed}):\n{history}"
+    context = "\n---\n".join(error_lines("\n".join(logs)))
 
     try:
         assert_bitwise_equal(student_weights(model_dir), student_weights(reference()))

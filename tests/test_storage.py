@@ -105,3 +105,91 @@ def test_write_errors_are_one_line_on_the_command_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"keras-feed-export: error: cannot write {export_dir}: File too large", result.stderr
     assert not os.path.exists(export_dir)
+
+
+# -- what a writer may replace ---------------------------------------------------------
+
+
+def test_exchange_paths_swaps_a_file_and_a_folder(tmp_path):
+    (tmp_path / "a").write_text("file")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "inside").write_text("folder")
+    if not storage.exchange_paths(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (tmp_path / "b").read_text() == "file"
+    assert (tmp_path / "a" / "inside").read_text() == "folder"
+
+
+@pytest.fixture(params=["exchange", "two renames"])
+def swap(request, monkeypatch):
+    """Runs a test with the atomic swap, and again with the two-rename fallback."""
+    if request.param == "two renames":
+        monkeypatch.setattr(storage, "exchange_paths", lambda first, second: False)
+    return request.param
+
+
+def test_export_refuses_a_foreign_folder_and_replaces_its_own(tmp_path, swap):
+    model, export = tiny_model(), tmp_path / "export"
+    export.mkdir()
+    (export / "keep.txt").write_bytes(b"mine")
+    (tmp_path / "beside.txt").write_bytes(b"beside")
+    with pytest.raises(storage.OutputExistsError) as error:
+        storage.export_model(model, export)
+    message = str(error.value)
+    assert "\n" not in message and str(export) in message and "keep.txt" in message
+    assert (export / "keep.txt").read_bytes() == b"mine" and os.listdir(export) == ["keep.txt"]
+
+    storage.export_model(model, export, overwrite=True)
+    assert "saved_model.pb" in os.listdir(export) and "keep.txt" not in os.listdir(export)
+    first = os.stat(export / "saved_model.pb").st_ino
+    storage.export_saved_model(model, export)  # its own earlier export: no overwrite needed
+    assert os.stat(export / "saved_model.pb").st_ino != first
+    assert sorted(os.listdir(tmp_path)) == ["beside.txt", "export"]
+    assert (tmp_path / "beside.txt").read_bytes() == b"beside"
+
+
+def test_an_empty_folder_is_replaced(tmp_path):
+    (tmp_path / "export").mkdir()
+    storage.export_saved_model(tiny_model(), tmp_path / "export")
+    assert "saved_model.pb" in os.listdir(tmp_path / "export")
+
+
+def test_what_is_swapped_out_is_checked_again_and_put_back(tmp_path, swap):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"an earlier export")
+    asked = []
+
+    def replaceable(path):  # the folder passes at first, then holds the user's file
+        asked.append(path)
+        if len(asked) == 1:
+            return None
+        return "a folder holding notes.txt, not a SavedModel"
+
+    with pytest.raises(storage.OutputExistsError, match="notes.txt"):
+        with storage.atomic_path(folder, directory=True, replaceable=replaceable) as temporary:
+            (tmp_path / "export" / "notes.txt").write_bytes(b"notes")  # appears meanwhile
+            with open(os.path.join(temporary, "saved_model.pb"), "wb") as handle:
+                handle.write(b"new")
+    assert len(asked) == 2 and asked[1] != str(folder)  # asked about what was swapped out
+    assert sorted(os.listdir(folder)) == ["notes.txt", "saved_model.pb"]
+    assert (folder / "saved_model.pb").read_bytes() == b"an earlier export"
+    assert os.listdir(tmp_path) == ["export"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("name,content,replaceable", [
+    ("m.tflite", b"\x1c\x00\x00\x00TFL3" + bytes(24), True),
+    ("m.tflite", b"not a model", False),
+    ("m.tflite", b"", False),
+])
+def test_foreign_litert_file(tmp_path, name, content, replaceable):
+    (tmp_path / name).write_bytes(content)
+    found = storage.foreign_export(str(tmp_path / name), "litert")
+    assert (found is None) == replaceable, found
+
+
+def test_export_never_replaces_a_folder_with_a_file(tmp_path):
+    (tmp_path / "m.tflite").mkdir()
+    with pytest.raises(storage.OutputExistsError, match="a folder"):
+        storage.export_model(tiny_model(), tmp_path / "m.tflite", "litert")
+    assert os.path.isdir(tmp_path / "m.tflite")
