@@ -33,10 +33,10 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "keras-feed-train=keras_feed.train:run",
-            "keras-feed-eval=keras_feed.evaluate:run",
-            "keras-feed-export=keras_feed.export:run",
-            "keras-feed-analyze=keras_feed.analyze:run",
+            "keras-feed-train=keras_feed.cli.train:run",
+            "keras-feed-eval=keras_feed.cli.evaluate:run",
+            "keras-feed-export=keras_feed.cli.export:run",
+            "keras-feed-analyze=keras_feed.cli.analyze:run",
         ]
     },
 )

@@ -30,7 +30,7 @@ folder, which keras_feed writes at the end of every epoch (the recipe sets no
 finished but was not recorded is recorded from its `metrics.json` without
 training again. Only a run that fails with an exception has its scratch folder
 removed (the failure is noted in the json) and starts from scratch on the next
-start. Runs whose method is not registered in `keras_feed.methods` yet are
+start. Runs whose method is not registered in `keras_feed.run.methods` yet are
 postponed: the next start picks them up. Scratch folders of the runs go to
 `runs/fashion_mnist_study/` (not in git). After every run the table
 (`fashion_mnist.md`) and the plots (`fashion_mnist_accuracy.png`,
@@ -207,9 +207,9 @@ class Study:
         return results
 
     def save(self, results):
-        from keras_feed import storage
+        from keras_feed.run import files
 
-        storage.write_json(self.json_path, results)
+        files.write_json(self.json_path, results)
 
 
 # -- training ------------------------------------------------------------------
@@ -247,9 +247,9 @@ def _git_commit():
 
 
 def base_config(study, **fields):
-    from keras_feed import experiment
+    from keras_feed.run.config import TrainConfig
 
-    return experiment.TrainConfig(**{**study.recipe, "verbose": 2, **fields})
+    return TrainConfig(**{**study.recipe, "verbose": 2, **fields})
 
 
 def reset_session():
@@ -260,14 +260,14 @@ def reset_session():
 
 
 def run_in(model_dir, config):
-    """`experiment.run(config)` in `model_dir`, kept so a killed run can resume there.
+    """`runner.run(config)` in `model_dir`, kept so a killed run can resume there.
 
     A run that raises has its folder removed, so the next attempt starts afresh.
     """
-    from keras_feed import experiment
+    from keras_feed.run import runner
 
     try:
-        return experiment.run(config)
+        return runner.run(config)
     except Exception:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise
@@ -332,7 +332,7 @@ def now():
 
 def train_teacher(study, index, revision):
     """Trains teacher `index` with CE (seed 100 + index) unless its file exists."""
-    from keras_feed import storage
+    from keras_feed.run import files
 
     path = study.teacher_path(index)
     seed = TEACHER_SEED + index
@@ -351,7 +351,7 @@ def train_teacher(study, index, revision):
         if metrics is None:
             say(f"teacher {index}: training {config.model} with CE, seed {seed}")
             metrics = run_in(model_dir, config)
-        with storage.atomic_path(path) as temporary:
+        with files.atomic_path(path) as temporary:
             shutil.copyfile(os.path.join(model_dir, "student.keras"), temporary)
         record.update(
             test_accuracy=metrics["student"]["test_accuracy"],
@@ -364,6 +364,7 @@ def measure_teachers(study):
     """Test softmax outputs of each teacher file, and the labels."""
     import keras
     import numpy as np
+
     from keras_feed import data as data_lib
     from keras_feed.models import preprocessing
 
@@ -432,11 +433,12 @@ def ensure_teachers(study, results, revision):
 
 def unavailable(run):
     """Why `run` cannot run with the installed keras_feed yet, or None."""
-    from keras_feed import experiment, methods
+    from keras_feed.run import methods
+    from keras_feed.run.config import TrainConfig
 
     if run.method not in methods.names():
         return f"method '{run.method}' is not registered yet"
-    fields = {field.name for field in dataclasses.fields(experiment.TrainConfig)}
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
     missing = [name for name, _ in run.settings if name not in fields]
     if missing:
         return f"TrainConfig has no field {', '.join(missing)} yet"
@@ -582,7 +584,7 @@ def difference(a, b, label_a, label_b):
 
 def write_report(study, results):
     """Rewrites the markdown table and the two plots from the results."""
-    from keras_feed import storage
+    from keras_feed.run import files
 
     by_name = accuracies_by_name(results)
     names = list(DESCRIPTIONS)
@@ -702,7 +704,7 @@ def write_report(study, results):
         lines.append("- complete: every planned run is recorded; a rerun skips them all")
     lines.append("")
     os.makedirs(study.results_dir, exist_ok=True)
-    with storage.atomic_path(study.md_path) as temporary:
+    with files.atomic_path(study.md_path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines))
     plot_accuracy(study, results, by_name, teacher_values)
@@ -715,7 +717,8 @@ def plot_accuracy(study, results, by_name, teacher_values):
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    from keras_feed import storage
+
+    from keras_feed.run import files
 
     rows = [(name, [r["test_accuracy"] for r in by_name[name]])
             for name in DESCRIPTIONS if name in by_name]
@@ -746,7 +749,7 @@ def plot_accuracy(study, results, by_name, teacher_values):
     if results["ensembles"]:
         axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    with storage.atomic_path(study.accuracy_png) as temporary:
+    with files.atomic_path(study.accuracy_png) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     pyplot.close(figure)
 
@@ -757,7 +760,8 @@ def plot_feed_loss(study, by_name):
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    from keras_feed import storage
+
+    from keras_feed.run import files
 
     if "pfeed_3" not in by_name:
         return
@@ -780,7 +784,7 @@ def plot_feed_loss(study, by_name):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    with storage.atomic_path(study.feed_loss_png) as temporary:
+    with files.atomic_path(study.feed_loss_png) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     pyplot.close(figure)
 

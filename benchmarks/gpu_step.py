@@ -77,18 +77,20 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import (
+    app,  # noqa: E402
+    flags,  # noqa: E402
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the checkout's keras_feed, installed or not
 
 import keras_feed  # noqa: E402
 from keras_feed import models  # noqa: E402
-from keras_feed.distiller import FEEDDistiller  # noqa: E402
+from keras_feed.core.distiller import FEEDDistiller  # noqa: E402
 
 BETA = 500.0
 LEARNING_RATE, MOMENTUM = 0.05, 0.9

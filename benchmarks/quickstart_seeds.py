@@ -24,8 +24,7 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -61,7 +60,7 @@ def run_seed(seed):
     """Trains the quickstart with `seed`; returns what the record keeps of it."""
     model_dir = os.path.join(FLAGS.runs_dir, f"seed_{seed}")
     command = [
-        sys.executable, "-m", "keras_feed.train", f"--flagfile={FLAGS.flagfile_path}",
+        sys.executable, "-m", "keras_feed.cli.train", f"--flagfile={FLAGS.flagfile_path}",
         f"--seed={seed}", f"--teacher_seed={100 + 10 * seed}", f"--model_dir={model_dir}",
         "--verbose=0",
     ]

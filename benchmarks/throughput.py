@@ -31,7 +31,7 @@ once, so background noise hits them alike), medians over `--repeats`:
 * its parts alone, timed the way FEED runs them: the student's train step
   (`FEEDDistiller` without teachers: the same one student pass, compiled loss,
   metric and weight decay; `fit`), each teacher's forward pass as FEED runs it
-  (the folded inference twin, `keras_feed.frozen.inference_model`, giving the
+  (the folded inference twin, `keras_feed.core.frozen.inference_model`, giving the
   feature map only, no logits, in inference mode, in a `tf.function`), and the
   k NTLs' train step on fixed inputs (their FEED loss against fixed teacher
   maps, `fit`); "the limit of its parts" is
@@ -87,8 +87,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from keras_feed import FEEDDistiller, data, frozen, losses, models  # noqa: E402
-from keras_feed import translators as translators_lib  # noqa: E402
+from keras_feed import (
+    FEEDDistiller,  # noqa: E402
+    data,  # noqa: E402
+    models,  # noqa: E402
+)
+from keras_feed.core import (
+    frozen,  # noqa: E402
+    losses,  # noqa: E402
+)
+from keras_feed.core import translators as translators_lib  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "throughput.json")
 IMAGE_SHAPE = (32, 32, 3)

@@ -8,55 +8,43 @@
     distiller = kf.FEEDDistiller(student, teachers, beta=500.0)
     distiller.compile(optimizer="sgd", metrics=["accuracy"])
 
-The main entry points:
+The public API:
 
 - `FEEDDistiller`: a `keras.Model` that trains a student from frozen teachers
-  through parallel non-linear transformation layers (NTLs).
+  through parallel non-linear transformation layers (NTLs); `Translator`: the NTL.
+- `kf.losses`: `feed_loss`, `kd_loss`, `ensemble_soft_targets`.
 - `kf.models.build(name, input_shape=..., num_classes=..., mean=..., std=...)`:
   the model zoo; with the dataset's mean and std a model normalises its raw
   pixel input itself (`kf.models.preprocessing`).
-- `kf.data.load(name, ...)`: tf.data pipelines of raw pixels.
-- `kf.losses`: `feed_loss`, `kd_loss`, `ft_loss`.
-- `kf.translators`: the NTL (`Translator`) and Factor Transfer's paraphraser.
-- `kf.frozen`: features by layer name or path, logits of softmax heads,
-  inference twins of frozen networks.
-- `kf.checkpointing.StageCheckpoint`: crash-safe, exact resume for `fit`.
-- `kf.experiment.run(kf.TrainConfig(...))`: a whole run, as the CLI does it
-  (`kf.config`: its settings; `kf.stages`: its stages; `kf.methods`: the methods).
+- `kf.data.load(name, ...)`: tf.data pipelines of raw pixels
+  (`kf.data.arrays`: NumPy batches, without TensorFlow).
+- `TrainConfig` and `train(config)`: a whole run, as `keras-feed-train` does it.
+- `fit_resumable` and `StageCheckpoint`: crash-safe, exact resume for `fit`.
+- `load_predictor`: a trained or exported model (any format) on raw images.
 
-Every submodule (and TensorFlow with it) is imported on first use, so that
-the command-line tools can set up logging before TensorFlow loads.
+The layers, as folders: `kf.core` (the distiller, its losses and NTLs, frozen
+teachers), `kf.data`, `kf.models`, `kf.run` (settings, stages, methods,
+checkpoints, files, devices) and `kf.cli` (the four commands). Every module
+(and TensorFlow with it) is imported on first use, so that importing keras-feed
+loads nothing it does not need.
 """
 
-import importlib
+from keras_feed import lazy
 
 __version__ = "0.2.0"
 
-_SUBMODULES = (
-    "analysis", "arrays", "checkpointing", "config", "data", "distiller", "distribute",
-    "experiment", "factor_transfer", "frozen", "idx", "interrupts", "losses", "methods",
-    "models", "reporting", "stages", "storage", "training_backend", "translators",
+__getattr__, __dir__, _PUBLIC = lazy.exports(
+    __name__,
+    ("cli", "core", "data", "models", "run"),
+    {
+        "FEEDDistiller": ("keras_feed.core.distiller", "FEEDDistiller"),
+        "Translator": ("keras_feed.core.translators", "Translator"),
+        "losses": ("keras_feed.core", "losses"),
+        "TrainConfig": ("keras_feed.run.config", "TrainConfig"),
+        "train": ("keras_feed.run.runner", "run"),
+        "fit_resumable": ("keras_feed.run.checkpointing", "fit_resumable"),
+        "StageCheckpoint": ("keras_feed.run.checkpointing", "StageCheckpoint"),
+        "load_predictor": ("keras_feed.run.serving", "load_predictor"),
+    },
 )
-
-_NAMES = {
-    "FEEDDistiller": ("keras_feed.distiller", "FEEDDistiller"),
-    "Translator": ("keras_feed.translators", "Translator"),
-    "feed_loss": ("keras_feed.losses", "feed_loss"),
-    "TrainConfig": ("keras_feed.config", "TrainConfig"),
-    "StageCheckpoint": ("keras_feed.checkpointing", "StageCheckpoint"),
-}
-
-__all__ = sorted(_NAMES) + list(_SUBMODULES) + ["__version__"]
-
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"keras_feed.{name}")
-    if name in _NAMES:
-        module_name, attribute = _NAMES[name]
-        return getattr(importlib.import_module(module_name), attribute)
-    raise AttributeError(f"module 'keras_feed' has no attribute '{name}'")
-
-
-def __dir__():
-    return __all__
+__all__ = _PUBLIC + ["__version__"]

@@ -76,6 +76,10 @@ def learnable_task():
 
 
 def pytest_configure(config):
+    # The fast tier is `pytest -m "not slow"`: the core, losses, distiller, data and the
+    # Keras contract. `slow` marks what trains end to end in subprocesses or processes.
+    config.addinivalue_line(
+        "markers", "slow: end-to-end, subprocess or multi-process (outside the fast tier)")
     # Third-party deprecation noise (Keras' numpy bridge, tf.data adapters) hides real output.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore:`shuffle=True` was passed:UserWarning")

@@ -26,7 +26,17 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_feed import FEEDDistiller, data, distribute, experiment, models  # noqa: E402
+from keras_feed import (
+    FEEDDistiller,  # noqa: E402
+    data,  # noqa: E402
+    models,  # noqa: E402
+)
+from keras_feed.run import (
+    distribute,  # noqa: E402
+    runner,  # noqa: E402
+)
+from keras_feed.run.config import TrainConfig  # noqa: E402
+
 keras.config.disable_traceback_filtering()
 tf.debugging.disable_traceback_filtering()
 
@@ -170,7 +180,7 @@ def pfeed_config(model_dir, teacher, strategy_name):
     The teacher file has no preprocessing layer and takes normalised images, as a
     keras-feed 0.1.0 file: the run adds the dataset's normalisation to it.
     """
-    return experiment.TrainConfig(
+    return TrainConfig(
         method="pfeed", dataset="synthetic", model="plain_cnn", train_examples=64,
         batch_size=GLOBAL_BATCH, epochs=1, teachers=(teacher,), teacher_preprocessing="dataset",
         beta=20.0, kd_weight=0.3,
@@ -208,7 +218,7 @@ def written_student(strategy, model_dir, metrics):
 def multi_worker(out_path, model_dir, teacher):
     strategy = distribute.make_strategy("multi_worker")
     config = pfeed_config(model_dir, teacher, "multi_worker")
-    metrics = experiment.run(config, strategy=strategy)
+    metrics = runner.run(config, strategy=strategy)
     result = written_student(strategy, model_dir, metrics)
     result["epoch_images"] = epoch_images(strategy, config)
     with open(out_path, "w") as handle:
@@ -219,7 +229,7 @@ def single_process(out_path, model_dir, teacher):
     """The same run on one device at the same global batch: the reference."""
     strategy = distribute.make_strategy("default")
     config = pfeed_config(model_dir, teacher, "default")
-    result = written_student(strategy, model_dir, experiment.run(config, strategy=strategy))
+    result = written_student(strategy, model_dir, runner.run(config, strategy=strategy))
     result["epoch_images"] = epoch_images(strategy, config)
     with open(out_path, "w") as handle:
         json.dump(result, handle)

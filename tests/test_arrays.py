@@ -1,4 +1,4 @@
-"""keras_feed.arrays: IDX folders and augmented NumPy batches, TensorFlow not needed."""
+"""keras_feed.data.arrays: IDX folders and augmented NumPy batches, TensorFlow not needed."""
 
 import gzip
 import os
@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import WITHOUT_TENSORFLOW_PRELUDE
 
-from keras_feed import arrays, idx
+from keras_feed.data import arrays, idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,14 +83,14 @@ def test_batches_are_reproducible_reshuffled_each_epoch_and_cover_it():
 WITHOUT_TENSORFLOW = WITHOUT_TENSORFLOW_PRELUDE + """
 import keras, numpy as np
 import keras_feed as kf
-(x_train, y_train), (x_test, y_test) = kf.arrays.load_idx(sys.argv[1])
+(x_train, y_train), (x_test, y_test) = kf.data.arrays.load_idx(sys.argv[1])
 shape = x_train.shape[1:]
 mean, std = x_train.mean() / 255, x_train.std() / 255  # models normalise raw pixels themselves
 student = kf.models.build("resnet8", input_shape=shape, num_classes=4, seed=0, mean=mean, std=std)
 teacher = kf.models.build("resnet8", input_shape=shape, num_classes=4, seed=1, mean=mean, std=std)
 distiller = kf.FEEDDistiller(student, [teacher], beta=10.0, weight_decay=5e-4)
 distiller.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
-batches = kf.arrays.AugmentedBatches(x_train, y_train, 8, pad=2, flip=True, seed=0)
+batches = kf.data.arrays.AugmentedBatches(x_train, y_train, 8, pad=2, flip=True, seed=0)
 history = distiller.fit(batches, epochs=2, verbose=0).history
 assert len(history["loss"]) == 2 and np.isfinite(history["loss"][-1])
 results = distiller.evaluate(x_test.astype("float32"), y_test, verbose=0, return_dict=True)
@@ -100,6 +99,7 @@ print("ok", keras.backend.backend())
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_an_idx_folder_trains_on_jax_where_tensorflow_cannot_be_imported(idx_folder):
     pytest.importorskip("jax", reason="jax is not installed (the test extra installs jax[cpu])")
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",

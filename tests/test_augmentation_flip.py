@@ -7,7 +7,7 @@ some examples, and not all, come out mirrored; with it off (`flip=False`,
 `augment=False`, and the datasets without a flip: `mnist`, `idx`,
 `synthetic`) none does.
 
-- `keras_feed.arrays` (NumPy, no TensorFlow): `augment` and `AugmentedBatches`.
+- `keras_feed.data.arrays` (NumPy, no TensorFlow): `augment` and `AugmentedBatches`.
 - `keras_feed.data` (tf.data): `Data.train(...)`, "cifar" augmentation of
   in-memory IDX data and small-image folders (shards included), and the
   "imagenet" augmentation of large-image folders.
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from test_data import write_idx, write_png
 
-from keras_feed import arrays, data
+from keras_feed import data
+from keras_feed.data import arrays
 
 SIDE = 12
 PAD = 2  # zero padding of images under 32 pixels
@@ -89,7 +90,7 @@ def test_the_tracing_recognises_a_plain_flip_and_a_flipped_crop_exactly():
     assert provenance(np.zeros_like(originals[0]), originals, PAD) == []
 
 
-# -- keras_feed.arrays: NumPy batches -------------------------------------------------
+# -- keras_feed.data.arrays: NumPy batches -------------------------------------------------
 
 
 @pytest.mark.parametrize("pad", [0, PAD])

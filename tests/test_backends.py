@@ -15,11 +15,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-
-from conftest import tiny_net, WITHOUT_TENSORFLOW_PRELUDE
-from keras_feed import FEEDDistiller
-from keras_feed import interrupts
+from conftest import WITHOUT_TENSORFLOW_PRELUDE, tiny_net
 from test_teacher_inference import randomise_batchnorm
+
+from keras_feed import FEEDDistiller
+from keras_feed.run import interrupts
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -155,8 +157,8 @@ labels = rng.integers(0, 4, size=32)
 history = distiller.fit(images, labels, batch_size=16, epochs=1, verbose=0).history
 assert np.isfinite(history["loss"][-1]) and {"feed_loss_0", "kd_loss"} <= set(history)
 assert distiller.predict(images[:3], verbose=0).shape == (3, 4)
-import keras_feed.config  # the settings and their flags; --strategy's names
-assert kf.distribute.make_strategy("mirrored").num_replicas_in_sync == len(keras.distribution.list_devices())
+import keras_feed.run.config  # the settings and their flags; --strategy's names
+assert kf.run.distribute.make_strategy("mirrored").num_replicas_in_sync == len(keras.distribution.list_devices())
 assert "tensorflow" not in {name.split(".")[0] for name, module in sys.modules.items() if module}
 print("ok", keras.backend.backend())
 """
@@ -180,6 +182,7 @@ import jax, keras, numpy as np
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_net
 import keras_feed as kf
+
 
 
 def fitted(distribution):
@@ -241,7 +244,7 @@ CLI_RUN = [
 def start_cli(model_dir, log_path, arguments=CLI_RUN, env=None):
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "keras_feed.train", *arguments, f"--model_dir={model_dir}"],
+            [sys.executable, "-m", "keras_feed.cli.train", *arguments, f"--model_dir={model_dir}"],
             cwd=ROOT, env=env or jax_environment(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -348,7 +351,7 @@ def test_mirrored_on_two_jax_devices_trains_as_one_device_and_resumes(tmp_path):
 
 def run_cli(arguments, env, model_dir):
     return subprocess.Popen(
-        [sys.executable, "-m", "keras_feed.train", *arguments, f"--model_dir={model_dir}"],
+        [sys.executable, "-m", "keras_feed.cli.train", *arguments, f"--model_dir={model_dir}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

@@ -6,15 +6,19 @@ import keras
 import numpy as np
 import pytest
 
-from keras_feed import data, experiment, summary
+from keras_feed import data
+from keras_feed.run import runner, summary
+from keras_feed.run.config import TrainConfig
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 
 def test_baseline_is_trained_evaluated_and_reported(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="pfeed", dataset="synthetic", model="resnet8", train_examples=64, batch_size=32,
         epochs=1, num_teachers=1, baseline=True, verbose=0, model_dir=str(tmp_path / "run"),
     )
-    metrics = experiment.run(config)
+    metrics = runner.run(config)
     baseline = metrics["baseline"]
     assert baseline["model"] == "resnet8" and os.path.isfile(baseline["path"])
     assert "baseline" in metrics["stages"]
@@ -33,21 +37,21 @@ def test_baseline_is_trained_evaluated_and_reported(tmp_path):
 
 
 def test_baseline_with_the_ce_method_is_refused(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="ce", dataset="synthetic", model="resnet8", baseline=True, dry_run=True,
         model_dir=str(tmp_path / "run"),
     )
     with pytest.raises(ValueError, match="baseline itself"):
-        experiment.run(config)
+        runner.run(config)
 
 
 def test_a_held_out_validation_split_is_scored_beside_the_test_split(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="pfeed", dataset="synthetic", model="resnet8", train_examples=64, batch_size=32,
         epochs=1, num_teachers=1, baseline=True, verbose=0, validation_examples=96,
         validation_freq=1, model_dir=str(tmp_path / "run"),
     )
-    metrics = experiment.run(config)
+    metrics = runner.run(config)
     assert metrics["num_validation"] == 96 and metrics["config"]["validation_examples"] == 96
     for scores in (metrics["student"], metrics["baseline"], metrics["ensemble"],
                    *metrics["teachers"]):

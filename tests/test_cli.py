@@ -13,8 +13,10 @@ import pytest
 from conftest import snapshot
 
 from keras_feed import data
-from keras_feed import experiment
-from keras_feed import storage
+from keras_feed.run import runner, storage
+from keras_feed.run.config import TrainConfig
+
+pytestmark = pytest.mark.slow  # end to end, in-process runs and subprocesses (outside the fast tier)
 
 TINY = dict(
     dataset="synthetic",
@@ -32,8 +34,8 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def pfeed_run(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("pfeed"))
-    config = experiment.TrainConfig(method="pfeed", num_teachers=2, model_dir=model_dir, **TINY)
-    metrics = experiment.run(config)
+    config = TrainConfig(method="pfeed", num_teachers=2, model_dir=model_dir, **TINY)
+    metrics = runner.run(config)
     return model_dir, metrics
 
 
@@ -82,18 +84,18 @@ def test_export_holds_the_student_alone_and_matches(pfeed_run):
 def test_rerun_reuses_trained_teachers(pfeed_run, tmp_path):
     model_dir, _ = pfeed_run
     before = snapshot(os.path.join(model_dir, "teachers"))
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="pfeed", num_teachers=2, teacher_dir=os.path.join(model_dir, "teachers"),
         model_dir=str(tmp_path), **TINY
     )
-    metrics = experiment.run(config)
+    metrics = runner.run(config)
     assert set(metrics["stages"]) == {"student"}
     assert snapshot(os.path.join(model_dir, "teachers")) == before
 
 
 def run_command(module, *args):
     return subprocess.run(
-        [sys.executable, "-m", f"keras_feed.{module}", *args],
+        [sys.executable, "-m", f"keras_feed.cli.{module}", *args],
         capture_output=True, text=True, timeout=300,
     )
 
@@ -190,7 +192,7 @@ def test_help_lists_the_command_s_own_flags(command):
     for absl_flag in ("--flagfile:", "--logtostderr", "--verbosity", "--only_check_args"):
         assert absl_flag not in text
     if command == "keras-feed-train":  # every setting, with its range
-        from keras_feed import config
+        from keras_feed.run import config
 
         for spec in config.flag_specs():
             assert re.search(rf"--(\[no\])?{spec.name}:", text), spec.name

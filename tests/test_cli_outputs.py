@@ -16,9 +16,13 @@ import sys
 
 import pytest
 
-from keras_feed import experiment
+from keras_feed.run import runner
+from keras_feed.run.config import TrainConfig
 
-pytestmark = pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning")  # tf2onnx
+pytestmark = [
+    pytest.mark.slow,  # end to end, in subprocesses (outside the fast tier)
+    pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning"),  # tf2onnx
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("tf2onnx", "onnx", "onnxruntime"))
@@ -31,7 +35,7 @@ BESIDE = b"a file beside the output\n"
 def run_dir(tmp_path_factory):
     """A finished tiny pFEED run (one teacher): student.keras, export/, NTLs and metrics.json."""
     model_dir = str(tmp_path_factory.mktemp("run"))
-    experiment.run(experiment.TrainConfig(
+    runner.run(TrainConfig(
         method="pfeed", num_teachers=1, dataset="synthetic", model="resnet8", train_examples=64,
         batch_size=32, epochs=1, teacher_epochs=1, learning_rate=0.05, eval_batch_size=64,
         verbose=0, model_dir=model_dir,
@@ -41,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 def command(module, *arguments):
     """Runs `python -m keras_feed.<module> arguments...`: the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", f"keras_feed.{module}", *arguments],
+    return subprocess.run([sys.executable, "-m", f"keras_feed.cli.{module}", *arguments],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -177,7 +181,7 @@ def test_analyze_refuses_a_foreign_output_file_then_overwrites_it(run_dir, tmp_p
 @pytest.fixture(scope="module")
 def exports(run_dir, tmp_path_factory):
     """The run's student as a SavedModel (the run's own export/), a .tflite and an .onnx."""
-    from keras_feed import storage
+    from keras_feed.run import storage
 
     folder = tmp_path_factory.mktemp("exports")
     student = storage.load_model(os.path.join(run_dir, "student.keras"))
@@ -219,7 +223,7 @@ def damaged_evals(exports, tmp_path_factory):
             folder = str(tmp_path_factory.mktemp(f"{model_format}_{damage}"))
             path, model_file = damaged_copy(exports[model_format], folder, damage)
             process = subprocess.Popen(
-                [sys.executable, "-m", "keras_feed.evaluate", f"--model_path={path}", "--dataset=synthetic",
+                [sys.executable, "-m", "keras_feed.cli.evaluate", f"--model_path={path}", "--dataset=synthetic",
                  "--batch_size=64"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
             started[model_format, damage] = process, model_file
@@ -240,9 +244,10 @@ def test_eval_names_a_damaged_model_file(damaged_evals, model_format, damage):
 
 LOAD_PREDICTOR = """
 import sys
-from keras_feed import evaluate, storage
+from keras_feed.run import serving
+from keras_feed.run import storage
 try:
-    evaluate.load_predictor(sys.argv[1])
+    serving.load_predictor(sys.argv[1])
 except storage.ModelFileError as error:
     print(error)
 """

@@ -11,16 +11,17 @@ import typing
 
 import pytest
 
-from keras_feed import experiment
+from keras_feed.run import runner
+from keras_feed.run.config import TrainConfig
 
 #: Every number of the configuration that is a float: nan and inf pass `x > 0`.
 FLOAT_FLAGS = sorted(
-    field.name for field in dataclasses.fields(experiment.TrainConfig)
+    field.name for field in dataclasses.fields(TrainConfig)
     if isinstance(field.default, float)
 )
 
 
-#: The range of every numeric setting, as its flag's help and README's flag table give it.
+#: The range of every numeric setting, as its flag's help and the flag table (docs/command-line.md) give it.
 RANGES = {
     "image_size": ">= 8", "num_teachers": ">= 1", "teacher_seed": ">= 0",
     "teacher_epochs": ">= 1", "train_examples": ">= 1", "subset_seed": ">= 0",
@@ -58,9 +59,9 @@ EDGES = {
 
 def numeric_settings():
     """The names of the `TrainConfig` fields that hold numbers (or lists of them)."""
-    hints = typing.get_type_hints(experiment.TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
     names = set()
-    for field in dataclasses.fields(experiment.TrainConfig):
+    for field in dataclasses.fields(TrainConfig):
         types = set(typing.get_args(hints[field.name])) or {hints[field.name]}
         if types & {int, float} or field.metadata["item"] in (int, float):
             names.add(field.name)
@@ -69,14 +70,14 @@ def numeric_settings():
 
 def test_every_numeric_setting_has_its_range():
     assert set(RANGES) == set(EDGES) == numeric_settings()
-    for field in dataclasses.fields(experiment.TrainConfig):
+    for field in dataclasses.fields(TrainConfig):
         bounds = field.metadata["bounds"]
         assert (str(bounds) if bounds else None) == RANGES.get(field.name), field.name
 
 
 def check(name, value):
     """`check_config` on the defaults with `name` set to `value` (method ce: no teachers)."""
-    from keras_feed import config, methods
+    from keras_feed.run import config, methods
 
     config.check_config(config.TrainConfig(method="ce", **{name: value}), methods.get("ce"))
 
@@ -122,29 +123,30 @@ def test_the_float_flags_are_the_expected_ones():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", FLOAT_FLAGS)
 def test_non_finite_numbers_are_refused(tmp_path, name, value):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="ft", dataset="synthetic", model="resnet8", epochs=1, dry_run=True,
         model_dir=str(tmp_path / "run"), **{name: value},
     )
     with pytest.raises(ValueError) as error:
-        experiment.run(config)
+        runner.run(config)
     assert str(error.value) == f"--{name} must be a finite number, got {value}."
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_finite_configuration_dry_runs(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="ft", dataset="synthetic", model="resnet8", epochs=1, dry_run=True,
         model_dir=str(tmp_path / "run"),
     )
-    assert "plan" in experiment.run(config)
+    assert "plan" in runner.run(config)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("flag", ["--beta=nan", "--weight_decay=inf"])
 def test_command_line_refuses_non_finite_flags(tmp_path, flag):
     model_dir = str(tmp_path / "run")
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.train", "--dataset=synthetic", "--model=resnet8",
+        [sys.executable, "-m", "keras_feed.cli.train", "--dataset=synthetic", "--model=resnet8",
          "--epochs=1", f"--model_dir={model_dir}", flag],
         capture_output=True, text=True, timeout=300,
     )
@@ -165,15 +167,15 @@ def train_flags():
     commands imported by other tests define flags of their own in absl's global one)."""
     from absl import flags
 
-    from keras_feed import cli
+    from keras_feed.cli import common
 
     fresh = flags.FlagValues()
-    cli.define_config_flags(flag_values=fresh)
+    common.define_config_flags(flag_values=fresh)
     return fresh
 
 
 def test_every_setting_is_a_flag_with_its_default_and_help():
-    from keras_feed import config
+    from keras_feed.run import config
 
     flags = train_flags()
     for field in dataclasses.fields(config.TrainConfig):
@@ -189,8 +191,8 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
 
 
 def test_enum_choices_come_from_the_registries():
-    from keras_feed import config, distribute, methods
     from keras_feed.models import preprocessing
+    from keras_feed.run import config, distribute, methods
 
     flags = train_flags()
     assert sorted(flags["method"].parser.enum_values) == methods.names()
@@ -201,8 +203,8 @@ def test_enum_choices_come_from_the_registries():
 
 
 def test_a_registered_method_becomes_a_choice(monkeypatch):
-    from keras_feed import config, methods
-    from keras_feed.methods import base
+    from keras_feed.run import config, methods
+    from keras_feed.run.methods import base
 
     monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))
 
@@ -216,7 +218,7 @@ def test_a_registered_method_becomes_a_choice(monkeypatch):
 
 
 def test_flags_parse_into_the_config_and_bad_lists_are_refused():
-    from keras_feed import config
+    from keras_feed.run import config
 
     parsed = config.from_values({"teachers": ["a.keras", "b.keras"], "lr_decay_epochs": ["3", "6"],
                                  "beta": 2.0})
@@ -227,7 +229,7 @@ def test_flags_parse_into_the_config_and_bad_lists_are_refused():
 
 
 def test_the_settings_a_rerun_may_change_are_the_resumable_fields():
-    from keras_feed import checkpointing, config
+    from keras_feed.run import checkpointing, config
 
     compared = set(checkpointing.comparable_settings(config.TrainConfig()))
     every = {field.name for field in dataclasses.fields(config.TrainConfig)}
@@ -236,10 +238,14 @@ def test_the_settings_a_rerun_may_change_are_the_resumable_fields():
     assert {"beta", "seed", "epochs", "method"} <= compared
 
 
+#: The page with the flag table of keras-feed-train.
+COMMAND_LINE_PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "docs", "command-line.md")
+
+
 def flag_table_rows():
-    """The rows of README's flag table: `{first cell: (range cell, whole row)}`."""
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(readme, encoding="utf-8") as handle:
+    """The rows of the flag table (docs/command-line.md): `{first cell: (range cell, row)}`."""
+    with open(COMMAND_LINE_PAGE, encoding="utf-8") as handle:
         text = handle.read()
     table = text[text.index("| flag | default | range | meaning |"):]
     table = table[:table.index("\n\n")]
@@ -250,39 +256,37 @@ def flag_table_rows():
     return rows
 
 
-def test_the_readme_flag_table_gives_every_range():
+def test_the_flag_table_gives_every_range():
     """Each numeric flag's row says its range: the whole range cell, or `--name RANGE` in it."""
     rows = flag_table_rows()
     for name, expected in RANGES.items():
         found = [(cell, line) for first, (cell, line) in rows.items() if f"`--{name}`" in first]
-        assert len(found) == 1, f"no README flag-table row starts with --{name}"
+        assert len(found) == 1, f"no flag-table row starts with --{name}"
         cell, line = found[0]
         stated = cell if "`--" not in cell else None
         for part in re.split(r", (?=`--)", cell):
             if part.startswith(f"`--{name}` "):
                 stated = part.split("` ", 1)[1]
-        assert stated is not None, f"the README row of --{name} does not give its range: {line}"
+        assert stated is not None, f"the flag-table row of --{name} does not give its range: {line}"
         assert stated.removeprefix("each ") == expected, (name, stated, line)
 
 
-def test_the_readme_flag_table_names_every_setting():
+def test_the_flag_table_names_every_setting():
     import re
 
-    from keras_feed import config
+    from keras_feed.run import config
 
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(readme, encoding="utf-8") as handle:
-        text = handle.read()
-    table = text[text.index("## Command line"):text.index("## Resuming and failures")]
-    named = set(re.findall(r"`--([a-z_0-9]+)`", table))
+    with open(COMMAND_LINE_PAGE, encoding="utf-8") as handle:
+        named = set(re.findall(r"`--([a-z_0-9]+)`", handle.read()))
     missing = {field.name for field in dataclasses.fields(config.TrainConfig)} - named
-    assert not missing, f"README's flag table lacks {sorted(missing)}"
+    assert not missing, f"docs/command-line.md's flag table lacks {sorted(missing)}"
 
 
+@pytest.mark.slow  # a subprocess
 def test_keras_feed_train_offers_every_setting():
-    from keras_feed import config
+    from keras_feed.run import config
 
-    result = subprocess.run([sys.executable, "-m", "keras_feed.train", "--helpfull"],
+    result = subprocess.run([sys.executable, "-m", "keras_feed.cli.train", "--helpfull"],
                             capture_output=True, text=True, timeout=300)
     assert "--method:" in result.stdout, result.stderr[-2000:]  # absl's help exits with 1
     for field in dataclasses.fields(config.TrainConfig):
@@ -300,6 +304,7 @@ def own_lines(stderr):
     return [line for line in stderr.splitlines() if line.strip() and not RUNTIME_LOG.match(line)]
 
 
+@pytest.mark.slow  # a subprocess
 def test_keras_feed_train_refuses_a_decay_factor_of_zero(tmp_path):
     command = shutil.which("keras-feed-train")
     assert command, "keras-feed-train is not installed"
@@ -315,11 +320,13 @@ def test_keras_feed_train_refuses_a_decay_factor_of_zero(tmp_path):
     assert not model_dir.exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_experiment_run_refuses_an_unsupported_backend(tmp_path):
     program = (
-        "from keras_feed import experiment\n"
+        "from keras_feed.run import runner\n"
+        "from keras_feed.run.config import TrainConfig\n"
         "try:\n"
-        f"    experiment.run(experiment.TrainConfig(dataset='synthetic', model='resnet8', "
+        f"    runner.run(TrainConfig(dataset='synthetic', model='resnet8', "
         f"dry_run=True, model_dir={str(tmp_path / 'run')!r}))\n"
         "except ValueError as error:\n"
         "    print(error)\n"
@@ -335,7 +342,7 @@ def test_experiment_run_refuses_an_unsupported_backend(tmp_path):
 
 
 def test_the_backend_is_read_as_keras_reads_it(tmp_path, monkeypatch):
-    from keras_feed import config
+    from keras_feed.run import config
 
     monkeypatch.setitem(sys.modules, "keras", None)  # as before Keras is imported
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

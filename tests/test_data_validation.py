@@ -3,11 +3,11 @@
 
 import numpy as np
 import pytest
+from test_data import make_folder, make_idx_dir, write_tfds_cifar10_download
 
 from keras_feed import data
 from keras_feed.data import DataError
 from keras_feed.data import folder as folder_source
-from test_data import make_folder, make_idx_dir, write_tfds_cifar10_download
 
 N_TRAIN, N_TEST, SIDE = 40, 17, 12
 

@@ -2,8 +2,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
-
 from conftest import forward_passes, tiny_net
+
 from keras_feed import FEEDDistiller
 
 tensorflow_only = pytest.mark.skipif(

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_feed import data, distribute, experiment, models
+from keras_feed import data, models
+from keras_feed.run import distribute, runner
+from keras_feed.run.config import TrainConfig
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 PROGRAMS = os.path.join(os.path.dirname(__file__), "distributed_programs.py")
 
@@ -71,16 +75,16 @@ def test_strategy_names_and_one_device_defaults():
     with pytest.raises(ValueError, match="Unknown strategy"):
         distribute.make_strategy("parameter_server")
     with pytest.raises(ValueError, match="mixed_precision"):
-        with experiment.dtype_policy("float64"):
+        with runner.dtype_policy("float64"):
             pass
 
 
 def test_the_dry_run_names_the_strategy_and_its_devices(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="ce", dataset="synthetic", model="resnet8", train_examples=32, batch_size=16,
         epochs=1, dry_run=True, model_dir=str(tmp_path / "run"),
     )
-    plan = experiment.run(config)["plan"]
+    plan = runner.run(config)["plan"]
     devices = [line for line in plan if line.startswith("devices: ")]
     assert len(devices) == 1 and re.fullmatch(
         r"devices: default, one (CPU|GPU) device \((cpu|gpu):0\), batch 16", devices[0]), plan

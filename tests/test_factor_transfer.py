@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import tiny_net
 
-from keras_feed import experiment
-from keras_feed import factor_transfer
+from keras_feed.core import factor_transfer
+from keras_feed.run import runner
+from keras_feed.run.config import TrainConfig
 
 
 class Recorder(keras.callbacks.Callback):
@@ -69,15 +70,16 @@ def test_a_huge_learning_rate_stops_the_paraphraser_before_a_checkpoint_or_callb
     assert len(recorder.batches) < 16  # stopped in the first epoch
 
 
+@pytest.mark.slow  # a subprocess
 def test_ft_run_with_a_diverging_paraphraser_names_its_learning_rate(tmp_path):
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="ft", dataset="synthetic", model="resnet8", num_teachers=1,
         train_examples=128, batch_size=32, epochs=1, teacher_epochs=1,
         learning_rate=0.05, paraphraser_epochs=2, paraphraser_learning_rate=1e4,
         eval_batch_size=128, verbose=0, model_dir=str(tmp_path / "run"),
     )
     with pytest.raises(ValueError) as error:
-        experiment.run(config)
+        runner.run(config)
     message = str(error.value)
     assert "\n" not in message
     assert "Paraphraser paraphraser_0 diverged" in message, message

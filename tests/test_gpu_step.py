@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import WITHOUT_TENSORFLOW_PRELUDE
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -27,6 +28,7 @@ VERSIONS = {"python", "keras", "jax", "jaxlib", "numpy", "keras_feed"}
 # then says which TensorFlow modules were loaded.
 WITHOUT_TENSORFLOW = WITHOUT_TENSORFLOW_PRELUDE + """
 import runpy
+
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")

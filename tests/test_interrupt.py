@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM stop `keras-feed-train` with one line; the same command resumes.
 
-Each run is a `python -m keras_feed.train` subprocess on tiny synthetic data. The
-signal is raised by the run itself at an exact step (`keras_feed.interrupts`'
+Each run is a `python -m keras_feed.cli.train` subprocess on tiny synthetic data. The
+signal is raised by the run itself at an exact step (`keras_feed.run.interrupts`'
 `KERAS_FEED_SIGNAL_AT` hook), so where it lands never depends on timing: a step
 between two periodic checkpoints, and an epoch's last step.
 """
@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
-from keras_feed import interrupts
+from keras_feed.run import interrupts
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 TIMEOUT = 600  # seconds, for a busy machine
 STEPS_PER_EPOCH = 32
@@ -48,7 +50,7 @@ def train(model_dir, log_path, signal_at=None):
         environment[interrupts.SIGNAL_AT] = signal_at
     with open(log_path, "w") as log:
         return subprocess.run(
-            [sys.executable, "-m", "keras_feed.train", *RUN, f"--model_dir={model_dir}"],
+            [sys.executable, "-m", "keras_feed.cli.train", *RUN, f"--model_dir={model_dir}"],
             stdout=log, stderr=subprocess.STDOUT, env=environment, timeout=TIMEOUT,
         ).returncode
 
@@ -114,7 +116,7 @@ def test_message_names_the_checkpoint_on_disk(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from keras_feed import checkpointing
+    from keras_feed.run import checkpointing
 
     monkeypatch.setattr(checkpointing, "_TRAINING", [])
     assert checkpointing.interruption_message().startswith("interrupted before training began;")

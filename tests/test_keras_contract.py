@@ -14,10 +14,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import forward_passes, tiny_net
 
 import keras_feed as kf
-from conftest import forward_passes, tiny_net
-from keras_feed import FEEDDistiller, experiment, frozen, losses
+from keras_feed import FEEDDistiller
+from keras_feed.core import frozen, losses
+from keras_feed.run import runner
+from keras_feed.run.config import TrainConfig
 
 SHAPE = (32, 32, 3)
 CLASSES = 4
@@ -282,18 +285,18 @@ def test_teachers_no_term_uses_are_refused(tmp_path):
     student = tiny_net("student", classes=CLASSES, input_shape=SHAPE)
     with pytest.raises(ValueError, match="no term uses them"):
         FEEDDistiller(student, [tiny_net("t", classes=CLASSES, input_shape=SHAPE)], beta=0.0)
-    config = experiment.TrainConfig(
+    config = TrainConfig(
         method="pfeed", dataset="synthetic", model="resnet8", beta=0.0, kd_weight=0.0,
         epochs=1, batch_size=16, train_examples=32, dry_run=True, model_dir=str(tmp_path / "run"),
     )
     with pytest.raises(ValueError, match="--method=ce"):
-        experiment.run(config)
+        runner.run(config)
 
 
 def test_a_teacher_keeps_its_own_precision_under_a_global_policy():
     images, _ = images_and_labels(4)
     teacher = tiny_net("t", classes=CLASSES, input_shape=SHAPE)  # float32
-    with experiment.dtype_policy("mixed_float16"):
+    with runner.dtype_policy("mixed_float16"):
         student = tiny_net("s", classes=CLASSES, input_shape=SHAPE)
         distiller = FEEDDistiller(student, [teacher], beta=1.0, kd_weight=0.5)
     logits, (target,) = distiller.teacher_outputs(images)
@@ -344,12 +347,20 @@ def test_teacher_weights_loaded_between_fit_calls_are_used(tmp_path):
 # -- the package and Keras' internals --------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_keras_feed_gives_every_module_without_loading_tensorflow_first():
     code = (
         "import sys, keras_feed as kf\n"
         "assert 'tensorflow' not in sys.modules, 'TensorFlow loaded by import keras_feed'\n"
-        "for name in ('models', 'data', 'losses', 'translators', 'frozen', 'checkpointing', 'experiment'):\n"
+        "for name in ('models', 'data', 'losses', 'core', 'run', 'cli'):\n"
         "    getattr(kf, name)\n"
+        "for name in ('FEEDDistiller', 'Translator', 'TrainConfig', 'train', 'fit_resumable',\n"
+        "             'StageCheckpoint', 'load_predictor'):\n"
+        "    assert callable(getattr(kf, name)), name\n"
+        "for name in ('translators', 'frozen', 'distiller'):\n"
+        "    getattr(kf.core, name)\n"
+        "for name in ('checkpointing', 'experiment', 'runner', 'config', 'methods', 'storage'):\n"
+        "    getattr(kf.run, name)\n"
         "assert kf.models.build('resnet8', input_shape=(16, 16, 3), num_classes=3).output.shape[-1] == 3\n"
         "print(kf.__version__)\n"
     )
@@ -376,9 +387,9 @@ def test_the_one_private_keras_hook_overridden_is_still_what_keras_calls(monkeyp
 
         assert not hasattr(JAXTrainer, "_maybe_symbolic_build")
     calls = []
-    original = kf.training_backend.Trainer._maybe_symbolic_build
+    original = kf.core.trainer.Trainer._maybe_symbolic_build
     monkeypatch.setattr(
-        kf.training_backend.Trainer, "_maybe_symbolic_build",
+        kf.core.trainer.Trainer, "_maybe_symbolic_build",
         lambda self, iterator=None, data_batch=None: calls.append(iterator is not None)
         or original(self, iterator=iterator, data_batch=data_batch),
     )
@@ -389,7 +400,7 @@ def test_the_one_private_keras_hook_overridden_is_still_what_keras_calls(monkeyp
     distiller.evaluate(images, labels, verbose=0)
     assert calls == ([True, True] if on_tensorflow else [])
     # Only that one private name is overridden anywhere in keras_feed's trainers.
-    for trainer in (kf.training_backend.Trainer, FEEDDistiller, kf.factor_transfer.ParaphraserTrainer):
+    for trainer in (kf.core.trainer.Trainer, FEEDDistiller, kf.core.factor_transfer.ParaphraserTrainer):
         private = {
             name for name in vars(trainer)
             if name.startswith("_") and not name.startswith("__") and hasattr(keras.Model, name)
@@ -406,7 +417,7 @@ def test_fit_resumable_continues_where_a_stopped_fit_left_off(tmp_path):
                                   [tiny_net("t", classes=CLASSES, input_shape=SHAPE, seed=2)], beta=10.0)
         distiller.compile(optimizer=sgd(), metrics=["accuracy"])
         data = lambda epoch, skip: tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).skip(skip)  # noqa: E731
-        return distiller, kf.checkpointing.fit_resumable(
+        return distiller, kf.run.checkpointing.fit_resumable(
             distiller, data, folder=folder, epochs=epochs_first, steps_per_epoch=4, every_steps=1, verbose=0
         )
 
@@ -424,7 +435,7 @@ def test_fit_resumable_continues_where_a_stopped_fit_left_off(tmp_path):
     distiller.compile(optimizer=sgd(), metrics=["accuracy"])
     data = lambda epoch, skip: tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).skip(skip)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
-        kf.checkpointing.fit_resumable(distiller, data, folder=folder, epochs=3, steps_per_epoch=4,
+        kf.run.checkpointing.fit_resumable(distiller, data, folder=folder, epochs=3, steps_per_epoch=4,
                                        every_steps=1, callbacks=[StopAfter()], verbose=0)
     resumed, checkpoint = trained(3, folder)
     assert checkpoint.step == 12

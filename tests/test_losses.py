@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from keras_feed import losses
+from keras_feed.core import losses
 
 
 def as_numpy(value):

@@ -11,8 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_feed import experiment
-from keras_feed import methods
+from keras_feed.run import methods, runner
+from keras_feed.run.config import TrainConfig, learning_rate_schedule
+
+pytestmark = pytest.mark.slow  # end to end, in-process runs and subprocesses (outside the fast tier)
 
 TINY = dict(
     dataset="synthetic", model="resnet8", train_examples=128, batch_size=32, epochs=1,
@@ -25,16 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def teacher_dir(tmp_path_factory):
     """Two tiny teachers, trained once for the whole module."""
     folder = str(tmp_path_factory.mktemp("teachers"))
-    config = experiment.TrainConfig(method="pfeed", num_teachers=2, teacher_dir=folder,
+    config = TrainConfig(method="pfeed", num_teachers=2, teacher_dir=folder,
                                     model_dir=str(tmp_path_factory.mktemp("first")), **TINY)
-    experiment.run(config)
+    runner.run(config)
     return folder
 
 
 def train(method, model_dir, teacher_dir, **settings):
-    config = experiment.TrainConfig(method=method, num_teachers=2, teacher_dir=teacher_dir,
+    config = TrainConfig(method=method, num_teachers=2, teacher_dir=teacher_dir,
                                     model_dir=str(model_dir), **{**TINY, **settings})
-    return experiment.run(config)
+    return runner.run(config)
 
 
 def test_registry_has_every_method():
@@ -84,9 +86,10 @@ def numpy_reconstruction(run_dir):
     """Per teacher, (FEED loss, relative L2 error) over the synthetic test split, in NumPy.
 
     The models come from the run folder; the normalisation, the norms and the
-    means over examples are computed here, independently of keras_feed.analysis.
+    means over examples are computed here, independently of keras_feed.run.analysis.
     """
-    from keras_feed import analysis, data
+    from keras_feed import data
+    from keras_feed.run import analysis
 
     parts = analysis.RunParts(str(run_dir))
     targets = [[] for _ in parts.teachers]
@@ -127,7 +130,7 @@ def test_sfeed_and_analysis(tmp_path, teacher_dir, pfeed_kd_run):
     pfeed_dir, _ = pfeed_kd_run
     out = tmp_path / "analysis"
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.analyze", f"--runs={pfeed_dir},{sfeed_dir}",
+        [sys.executable, "-m", "keras_feed.cli.analyze", f"--runs={pfeed_dir},{sfeed_dir}",
          "--labels=pFEED-2,sFEED", "--dataset=synthetic", f"--output_dir={out}"],
         capture_output=True, text=True, timeout=300,
     )
@@ -147,7 +150,8 @@ def test_sfeed_and_analysis(tmp_path, teacher_dir, pfeed_kd_run):
 def test_analysis_measures_against_numpy(pfeed_kd_run):
     import numpy as np
 
-    from keras_feed import analysis, data
+    from keras_feed import data
+    from keras_feed.run import analysis
 
     pfeed_dir, _ = pfeed_kd_run
     parts = analysis.RunParts(str(pfeed_dir))
@@ -166,7 +170,7 @@ def test_analysis_measures_against_numpy(pfeed_kd_run):
 
 
 def test_analysis_refuses_runs_it_cannot_measure(tmp_path, pfeed_kd_run):
-    from keras_feed import analysis
+    from keras_feed.run import analysis
 
     pfeed_dir, _ = pfeed_kd_run
     broken = tmp_path / "broken"
@@ -188,10 +192,10 @@ def test_analysis_refuses_runs_it_cannot_measure(tmp_path, pfeed_kd_run):
 
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
 def test_optimizer_schedule_starts_at_the_given_peak(schedule):
-    config = experiment.TrainConfig(lr_schedule=schedule, learning_rate=0.1)
+    config = TrainConfig(lr_schedule=schedule, learning_rate=0.1)
     rates = {}
     for peak in (None, 0.01):
-        rate = experiment.learning_rate_schedule(config, steps_per_epoch=10, epochs=4,
+        rate = learning_rate_schedule(config, steps_per_epoch=10, epochs=4,
                                                  peak_learning_rate=peak)
         rates[peak] = [float(rate(step)) for step in (0, 25, 39)]
     assert rates[None][0] == pytest.approx(0.1)
@@ -225,11 +229,13 @@ def test_every_flagfile_dry_runs():
     assert len(flagfiles) >= 8
     script = (
         "import sys\n"
-        "from keras_feed import train, experiment\n"
+        "from keras_feed.cli import train\n"
+        "from keras_feed.run import runner\n"
+        "train.define_flags()\n"
         "for path in sys.argv[1:]:\n"
         "    train.FLAGS.unparse_flags()\n"
         "    train.FLAGS(['keras-feed-train', '--flagfile=' + path, '--dry_run'])\n"
-        "    plan = experiment.run(train.config_from_flags())['plan']\n"
+        "    plan = runner.run(train.config_from_flags())['plan']\n"
         "    print('OK', path, len(plan))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, *flagfiles], capture_output=True,

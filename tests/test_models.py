@@ -427,7 +427,7 @@ def test_a_model_with_its_preprocessing_gives_its_features_the_keras_way():
     """`keras.Model(model.inputs, model.get_layer("features").output)`, the usual way to
     read a layer (and what keras.distillation does), works on a model that normalises its
     own input, and gives the features of the whole model, normalisation included."""
-    from keras_feed import frozen
+    from keras_feed.core import frozen
 
     model = models.build("resnet8", input_shape=(16, 16, 3), num_classes=10, seed=0,
                          mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))

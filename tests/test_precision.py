@@ -3,17 +3,18 @@
 import keras
 import numpy as np
 import pytest
-
 from conftest import tiny_net
-from keras_feed import FEEDDistiller, experiment
-from keras_feed.frozen import extractor
+
+from keras_feed import FEEDDistiller
+from keras_feed.core.frozen import extractor
+from keras_feed.run import runner
 
 
 def feed_step(policy, task, *, jit_compile=False):
     """One FEED step under the dtype policy `policy`: (update of every weight, logs, distiller)."""
     images, labels = task
     teachers = [tiny_net(f"t{i}", width=6 + 2 * i, classes=4, seed=10 + i) for i in range(2)]
-    with experiment.dtype_policy(policy):
+    with runner.dtype_policy(policy):
         student = tiny_net("student", classes=4, seed=0)
         keras.utils.set_random_seed(1)  # the NTLs
         distiller = FEEDDistiller(student, teachers, beta=50.0, kd_weight=0.3, weight_decay=5e-4)
@@ -88,7 +89,7 @@ def decayed_update(policy, task, weight_decay):
     """Trainable weights before and after one plain SGD step (no momentum)."""
     images, labels = task
     teachers = [tiny_net("t0", width=6, classes=4, seed=10)]
-    with experiment.dtype_policy(policy):
+    with runner.dtype_policy(policy):
         student = tiny_net("student", classes=4, seed=0)
         keras.utils.set_random_seed(1)
         distiller = FEEDDistiller(student, teachers, beta=50.0, kd_weight=0.3, weight_decay=weight_decay)

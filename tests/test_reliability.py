@@ -1,10 +1,10 @@
 """Reliability: killed runs resume bitwise, outputs are atomic, non-finite losses stop
 a run cleanly, bad inputs fail with one line before training, unsafe files are refused.
 
-Every run here is a `python -m keras_feed.train` subprocess on tiny synthetic data;
+Every run here is a `python -m keras_feed.cli.train` subprocess on tiny synthetic data;
 independent runs go concurrently (a few at a time) to keep the file's time modest.
 Interrupted runs are stopped by the run itself at an exact point
-(`keras_feed.interrupts.signal_point`), never by a signal timed from outside, so a
+(`keras_feed.run.interrupts.signal_point`), never by a signal timed from outside, so a
 slow, busy machine only makes the tests slower.
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from conftest import snapshot
 
-from keras_feed import checkpointing
-from keras_feed import interrupts
-from keras_feed import storage
+from keras_feed.run import checkpointing, files, interrupts, storage
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 TIMEOUT = 600  # seconds for one run on a busy machine
 POOL = 3  # runs at a time
@@ -53,7 +53,7 @@ SMALL = ["--dataset=synthetic", "--model=resnet8", "--train_examples=64", "--bat
 
 
 def command(*args):
-    return [sys.executable, "-m", "keras_feed.train", *args]
+    return [sys.executable, "-m", "keras_feed.cli.train", *args]
 
 
 def start(args, log_path, environment=None):
@@ -100,12 +100,12 @@ def assert_bitwise_equal(weights, reference):
 
 def assert_outputs_complete(model_dir):
     """Every output file present is whole: no half-written file looks complete."""
-    for root, _, files in os.walk(model_dir):
-        if storage.PARTIAL_MARK in root:
+    for root, _, names in os.walk(model_dir):
+        if files.PARTIAL_MARK in root:
             continue
-        for name in files:
+        for name in names:
             path = os.path.join(root, name)
-            if storage.PARTIAL_MARK in name or name == checkpointing.LOCK_FILE:
+            if files.PARTIAL_MARK in name or name == checkpointing.LOCK_FILE:
                 continue
             if name.endswith(".keras"):
                 storage.load_model(path)
@@ -235,7 +235,7 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
 def test_run_directory_records_compares_and_locks_settings(tmp_path):
     import dataclasses
 
-    from keras_feed.experiment import TrainConfig
+    from keras_feed.run.runner import TrainConfig
 
     config = TrainConfig(model_dir=str(tmp_path / "run"), epochs=2, dataset="synthetic")
     with checkpointing.RunDirectory(config) as model_dir:
@@ -266,7 +266,7 @@ def test_stage_segments_resume_mid_epoch():
 def test_checkpoint_of_another_schedule_is_refused(tmp_path):
     from conftest import tiny_net
 
-    from keras_feed.distiller import FEEDDistiller
+    from keras_feed.core.distiller import FEEDDistiller
 
     def trainer():
         distiller = FEEDDistiller(tiny_net("student", classes=4))
@@ -289,9 +289,9 @@ def test_checkpoint_of_another_schedule_is_refused(tmp_path):
 
 def test_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
     path = tmp_path / "metrics.json"
-    storage.write_json(path, {"version": 1})
+    files.write_json(path, {"version": 1})
     with pytest.raises(RuntimeError):
-        with storage.atomic_path(path) as temporary:
+        with files.atomic_path(path) as temporary:
             with open(temporary, "w") as handle:
                 handle.write('{"version": ')  # half a file, then a crash
             raise RuntimeError("crash")
@@ -301,10 +301,10 @@ def test_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
 
 def test_failed_export_keeps_the_old_folder(tmp_path):
     folder = tmp_path / "export"
-    with storage.atomic_path(folder, directory=True) as temporary:
+    with files.atomic_path(folder, directory=True) as temporary:
         open(os.path.join(temporary, "saved_model.pb"), "w").write("old")
     with pytest.raises(RuntimeError):
-        with storage.atomic_path(folder, directory=True) as temporary:
+        with files.atomic_path(folder, directory=True) as temporary:
             open(os.path.join(temporary, "saved_model.pb"), "w").write("new, half")
             raise RuntimeError("crash")
     assert (folder / "saved_model.pb").read_text() == "old"
@@ -314,8 +314,9 @@ def test_failed_export_keeps_the_old_folder(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys
-from keras_feed import storage
-with storage.atomic_path(sys.argv[1]) as temporary:
+from keras_feed.run import storage
+
+with files.atomic_path(sys.argv[1]) as temporary:
     with open(temporary, "w") as handle:
         handle.write("half of a new file")
         handle.flush()
@@ -331,10 +332,10 @@ def test_writer_killed_mid_write_leaves_old_file_and_a_recognised_partial(tmp_pa
     assert result.returncode == -signal.SIGKILL
     assert target.read_text() == "the old, whole file"
     leftovers = [name for name in os.listdir(tmp_path) if name not in ("student.keras", "export")]
-    assert len(leftovers) == 1 and storage.PARTIAL_MARK in leftovers[0]
-    stale_dir = tmp_path / "checkpoints" / f".state.npz{storage.PARTIAL_MARK}x.tmp"
+    assert len(leftovers) == 1 and files.PARTIAL_MARK in leftovers[0]
+    stale_dir = tmp_path / "checkpoints" / f".state.npz{files.PARTIAL_MARK}x.tmp"
     os.makedirs(stale_dir)
-    assert len(storage.remove_partial_files(tmp_path)) == 2
+    assert len(files.remove_partial_files(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoints", "export", "student.keras"]
     assert os.listdir(tmp_path / "checkpoints") == []
 

@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_feed import analysis
 from keras_feed import data
-from keras_feed import evaluate
-from keras_feed import experiment
-from keras_feed import storage
 from keras_feed.models import preprocessing
+from keras_feed.run import analysis, runner, serving, storage
+from keras_feed.run.config import TrainConfig
 
 pytestmark = [
+    pytest.mark.slow,  # end to end, in subprocesses (outside the fast tier)
     pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning"),
     pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning"),  # tf2onnx
 ]
@@ -84,9 +83,9 @@ def run(idx_dir, tmp_path_factory):
     """A finished pFEED run (one teacher trained by it): `(model_dir, metrics)`."""
     folder, _ = idx_dir
     model_dir = str(tmp_path_factory.mktemp("run"))
-    config = experiment.TrainConfig(method="pfeed", num_teachers=1, data_dir=folder,
+    config = TrainConfig(method="pfeed", num_teachers=1, data_dir=folder,
                                     model_dir=model_dir, **SETTINGS)
-    experiment.run(config)
+    runner.run(config)
     with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as handle:
         return model_dir, json.load(handle)
 
@@ -226,8 +225,8 @@ def test_eval_reads_every_format_with_either_head(run, idx_dir, exports):
     test_split = data.load("idx", data_dir=idx_dir[0]).test(64)
     results = {}
     for (head, model_format), path in sorted(exports.items()):
-        predictor = evaluate.load_predictor(path)
-        result = evaluate.evaluate(predictor, test_split)
+        predictor = serving.load_predictor(path)
+        result = serving.evaluate(predictor, test_split)
         assert (predictor.format, predictor.head) == (model_format, head), path
         assert result["examples"] == N_TEST
         assert result["accuracy"] == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6), path
@@ -243,7 +242,7 @@ def test_eval_reads_every_format_with_either_head(run, idx_dir, exports):
 def test_eval_command_on_a_litert_file(run, idx_dir, exports):
     _, metrics = run
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.evaluate", f"--model_path={exports['probabilities', 'litert']}",
+        [sys.executable, "-m", "keras_feed.cli.evaluate", f"--model_path={exports['probabilities', 'litert']}",
          "--dataset=idx", f"--data_dir={idx_dir[0]}"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
@@ -258,7 +257,7 @@ def test_export_command_writes_onnx(run, idx_dir, tmp_path):
     model_dir, metrics = run
     output = str(tmp_path / "student.onnx")
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.export", f"--student={model_dir}/student.keras",
+        [sys.executable, "-m", "keras_feed.cli.export", f"--student={model_dir}/student.keras",
          "--format=onnx", f"--output={output}"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
@@ -290,20 +289,20 @@ def test_old_teacher_needs_its_input_convention(run, idx_dir, old_files, tmp_pat
     settings = dict(SETTINGS, epochs=1, data_dir=idx_dir[0], teachers=(old_files["teacher"],))
     refused = tmp_path / "refused"
     with pytest.raises(ValueError) as error:
-        experiment.run(experiment.TrainConfig(method="pfeed", model_dir=str(refused), **settings))
+        runner.run(TrainConfig(method="pfeed", model_dir=str(refused), **settings))
     message = str(error.value)
     assert "\n" not in message and old_files["teacher"] in message
     assert "--teacher_preprocessing=dataset" in message and "--teacher_preprocessing=none" in message
     assert not refused.exists()
 
-    plan = experiment.run(experiment.TrainConfig(
+    plan = runner.run(TrainConfig(
         method="pfeed", model_dir=str(tmp_path / "plan"), teacher_preprocessing="dataset",
         dry_run=True, **settings))["plan"]
     assert any(line.startswith("input: raw pixels 16x16x3 in [0, 255]") and
                "augmentation: zero-pad 2 + random 16x16 crop" in line for line in plan), plan
     assert any("from files (--teacher_preprocessing=dataset)" in line for line in plan), plan
 
-    wrapped = experiment.run(experiment.TrainConfig(
+    wrapped = runner.run(TrainConfig(
         method="pfeed", model_dir=str(tmp_path / "wrapped"), teacher_preprocessing="dataset",
         **settings))
     # The 0.1.0 file with the dataset's normalisation added is the original teacher.
@@ -324,7 +323,7 @@ def test_analysis_of_an_old_run_folder(run, idx_dir, old_files, tmp_path):
 
     out = tmp_path / "analysis"
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.analyze", f"--runs={old_run}", "--dataset=idx",
+        [sys.executable, "-m", "keras_feed.cli.analyze", f"--runs={old_run}", "--dataset=idx",
          f"--data_dir={idx_dir[0]}", f"--output_dir={out}"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
@@ -341,12 +340,12 @@ def test_analysis_of_an_old_run_folder(run, idx_dir, old_files, tmp_path):
 def test_eval_of_an_old_student(run, idx_dir, old_files):
     _, metrics = run
     with pytest.raises(ValueError, match="--preprocessing=dataset") as error:
-        evaluate.load_predictor(old_files["student"])
+        serving.load_predictor(old_files["student"])
     assert "\n" not in str(error.value)
     dataset = data.load("idx", data_dir=idx_dir[0])
-    predictor = evaluate.load_predictor(old_files["student"], preprocessing="dataset",
+    predictor = serving.load_predictor(old_files["student"], preprocessing="dataset",
                                         statistics=lambda: (dataset.info.mean, dataset.info.std))
-    result = evaluate.evaluate(predictor, dataset.test(64))
+    result = serving.evaluate(predictor, dataset.test(64))
     assert result["accuracy"] == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)
 
 
@@ -378,7 +377,7 @@ def test_study_teachers_of_0_1_0_keep_their_recorded_accuracy():
 def test_export_command_on_an_old_student(run, idx_dir, old_files, tmp_path):
     _, metrics = run
     export_dir = str(tmp_path / "export")
-    command = [sys.executable, "-m", "keras_feed.export", f"--student={old_files['student']}",
+    command = [sys.executable, "-m", "keras_feed.cli.export", f"--student={old_files['student']}",
                f"--export_dir={export_dir}"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert refused.returncode == 1 and not os.path.exists(export_dir)

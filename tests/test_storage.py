@@ -1,4 +1,4 @@
-"""keras_feed.storage: a write that fails names the file being written."""
+"""keras_feed.run.storage: a write that fails names the file being written."""
 
 import errno
 import importlib.util
@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_feed import storage
+from keras_feed.run import files, storage
 
 
 def tiny_model():
@@ -22,10 +22,10 @@ def tiny_model():
 
 
 WRITERS = {
-    "metrics.json": lambda model, path: storage.write_json(path, {"text": "x" * 10000}),
+    "metrics.json": lambda model, path: files.write_json(path, {"text": "x" * 10000}),
     "student.keras": lambda model, path: storage.save_model(model, path),
     "ntl.weights.h5": lambda model, path: storage.save_weights(model, path),
-    "state.npz": lambda model, path: storage.save_arrays(path, {"zeros": np.zeros(10000)}),
+    "state.npz": lambda model, path: files.save_arrays(path, {"zeros": np.zeros(10000)}),
     "export": lambda model, path: storage.export_saved_model(model, path),
     "student.tflite": lambda model, path: storage.export_model(model, path, "litert"),
 }
@@ -38,11 +38,11 @@ def test_full_disk_names_the_file(tmp_path, monkeypatch, name):
     def full_disk(temporary):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), temporary)
 
-    monkeypatch.setattr(storage, "_flush_to_disk", full_disk)
+    monkeypatch.setattr(files, "_flush_to_disk", full_disk)
     path = str(tmp_path / name)
     with pytest.raises(OSError) as error:
         WRITERS[name](tiny_model(), path)
-    assert isinstance(error.value, storage.WriteError)
+    assert isinstance(error.value, files.WriteError)
     assert error.value.errno == errno.ENOSPC and error.value.filename == path
     assert str(error.value) == f"cannot write {path}: [Errno 28] No space left on device"
     assert os.listdir(tmp_path) == []  # the temporary file is gone too
@@ -52,11 +52,12 @@ def test_missing_permission_names_the_file(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     path = str(blocker / "metrics.json")
-    with pytest.raises(storage.WriteError) as error:
-        storage.write_json(path, {})
+    with pytest.raises(files.WriteError) as error:
+        files.write_json(path, {})
     assert str(error.value).startswith(f"cannot write {path}: [Errno ")
 
 
+@pytest.mark.slow  # a subprocess
 def test_every_writer_names_its_file_when_the_file_system_refuses(tmp_path):
     # A real failing write, in a child process whose files may not exceed 4 KiB
     # (Python ignores SIGXFSZ, so write() fails with EFBIG, "File too large").
@@ -84,10 +85,11 @@ def test_every_writer_names_its_file_when_the_file_system_refuses(tmp_path):
     for line, name in zip(lines, sorted(WRITERS)):
         target = os.path.join(str(tmp_path), name)
         assert line.startswith(f"{name} | WriteError | cannot write {target}: "), line
-        assert "File too large" in line and storage.PARTIAL_MARK not in line, line
+        assert "File too large" in line and files.PARTIAL_MARK not in line, line
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess
 def test_write_errors_are_one_line_on_the_command_line(tmp_path):
     source = str(tmp_path / "student.keras")
     tiny_model().save(source)
@@ -97,7 +99,7 @@ def test_write_errors_are_one_line_on_the_command_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
     result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.export", f"--student={source}",
+        [sys.executable, "-m", "keras_feed.cli.export", f"--student={source}",
          f"--export_dir={export_dir}", "--preprocessing=none"],
         capture_output=True, text=True, timeout=300, preexec_fn=small_files,
     )
@@ -114,7 +116,7 @@ def test_exchange_paths_swaps_a_file_and_a_folder(tmp_path):
     (tmp_path / "a").write_text("file")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "inside").write_text("folder")
-    if not storage.exchange_paths(str(tmp_path / "a"), str(tmp_path / "b")):
+    if not files.exchange_paths(str(tmp_path / "a"), str(tmp_path / "b")):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
     assert (tmp_path / "b").read_text() == "file"
     assert (tmp_path / "a" / "inside").read_text() == "folder"
@@ -124,7 +126,7 @@ def test_exchange_paths_swaps_a_file_and_a_folder(tmp_path):
 def swap(request, monkeypatch):
     """Runs a test with the atomic swap, and again with the two-rename fallback."""
     if request.param == "two renames":
-        monkeypatch.setattr(storage, "exchange_paths", lambda first, second: False)
+        monkeypatch.setattr(files, "exchange_paths", lambda first, second: False)
     return request.param
 
 
@@ -133,7 +135,7 @@ def test_export_refuses_a_foreign_folder_and_replaces_its_own(tmp_path, swap):
     export.mkdir()
     (export / "keep.txt").write_bytes(b"mine")
     (tmp_path / "beside.txt").write_bytes(b"beside")
-    with pytest.raises(storage.OutputExistsError) as error:
+    with pytest.raises(files.OutputExistsError) as error:
         storage.export_model(model, export)
     message = str(error.value)
     assert "\n" not in message and str(export) in message and "keep.txt" in message
@@ -166,8 +168,8 @@ def test_what_is_swapped_out_is_checked_again_and_put_back(tmp_path, swap):
             return None
         return "a folder holding notes.txt, not a SavedModel"
 
-    with pytest.raises(storage.OutputExistsError, match="notes.txt"):
-        with storage.atomic_path(folder, directory=True, replaceable=replaceable) as temporary:
+    with pytest.raises(files.OutputExistsError, match="notes.txt"):
+        with files.atomic_path(folder, directory=True, replaceable=replaceable) as temporary:
             (tmp_path / "export" / "notes.txt").write_bytes(b"notes")  # appears meanwhile
             with open(os.path.join(temporary, "saved_model.pb"), "wb") as handle:
                 handle.write(b"new")
@@ -190,6 +192,6 @@ def test_foreign_litert_file(tmp_path, name, content, replaceable):
 
 def test_export_never_replaces_a_folder_with_a_file(tmp_path):
     (tmp_path / "m.tflite").mkdir()
-    with pytest.raises(storage.OutputExistsError, match="a folder"):
+    with pytest.raises(files.OutputExistsError, match="a folder"):
         storage.export_model(tiny_model(), tmp_path / "m.tflite", "litert")
     assert os.path.isdir(tmp_path / "m.tflite")

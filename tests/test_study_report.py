@@ -17,9 +17,10 @@ def study_module():
     return module
 
 
-# Made-up accuracies per row and seed: row -> (seed 0, seed 1, seed 2).
-ACCURACIES = {"ce": (0.89, 0.90, 0.91), "feed_1": (0.905, 0.91, 0.915),
-              "pfeed_2": (0.91, 0.915, 0.92), "pfeed_3": (0.91, 0.92, 0.93)}
+# Made-up accuracies per row and seed: row -> (seed 0, ..., seed 4).
+ACCURACIES = {"ce": (0.89, 0.90, 0.91, 0.88, 0.92), "feed_1": (0.905, 0.91, 0.915, 0.90, 0.92),
+              "pfeed_2": (0.91, 0.915, 0.92, 0.905, 0.925),
+              "pfeed_3": (0.91, 0.92, 0.93, 0.90, 0.94)}
 
 
 def made_up_results(study_module, leave_out=()):
@@ -27,7 +28,7 @@ def made_up_results(study_module, leave_out=()):
     for run in study_module.plan():
         if run.key in leave_out:
             continue
-        accuracy = ACCURACIES.get(run.name, (0.9, 0.9, 0.9))[run.seed]
+        accuracy = ACCURACIES.get(run.name, (0.9,) * 5)[run.seed]
         runs.append({
             "key": run.key, "name": run.name, "seed": run.seed, "teachers": len(run.teacher_ids),
             "test_accuracy": accuracy, "wall_s": 600.0, "images_per_s": 300.0,
@@ -49,11 +50,14 @@ def test_report_statistics(tmp_path, study_module):
     study = study_module.Study(tmp_path, tmp_path / "runs", study_module.RECIPE)
     study_module.write_report(study, made_up_results(study_module))
     report = (tmp_path / "fashion_mnist.md").read_text()
-    # ce: mean 90.00, sample std 1.00 over 3 seeds.
-    assert "| ce | plain training (cross-entropy) | 0 | 3/3 | 90.00 ± 1.00 |" in report
-    # pfeed_3 - ce: 2 points; se = 1/sqrt(3) each, so SE of the difference 0.816 -> 2.4.
-    assert "- pfeed_3 − ce: +2.00 points, SE 0.82 → +2.4 standard errors (n=3 vs n=3)" in report
-    # The teachers pool with ce: 6 runs, mean 90.00 -> pfeed_3 is 2 points above.
+    # ce: mean 90.00, sample std sqrt(10 / 4) = 1.58 over 5 seeds.
+    assert "| ce | plain training (cross-entropy) | 0 | 5/5 | 90.00 ± 1.58 |" in report
+    # pfeed_3 - ce: 2 points; se = 1.58 / sqrt(5) = 0.71 each, SE of the difference 1.00.
+    assert "- pfeed_3 − ce: +2.00 points, SE 1.00 → +2.0 standard errors (n=5 vs n=5)" in report
+    # The baselines have three seeds, the beta variants one.
+    assert "| kd | Hinton KD" in report and "| 3/3 | 90.00 ± 0.00 |" in report
+    assert "| 1/1 | 90.00 (n=1) |" in report
+    # The teachers pool with ce: 8 runs, mean 90.00 -> pfeed_3 is 2 points above.
     assert "- pfeed_3 − every CE run (ce + the teachers): +2.00 points" in report
     assert "- ensemble_3 − pfeed_3: +0.50 points" in report
     assert "complete: every planned run is recorded" in report
@@ -64,10 +68,11 @@ def test_report_statistics(tmp_path, study_module):
 
 def test_report_names_missing_runs(tmp_path, study_module):
     study = study_module.Study(tmp_path, tmp_path / "runs", study_module.RECIPE)
-    results = made_up_results(study_module, leave_out=("pfeed_3/seed1", "pfeed_3/seed2"))
+    left_out = ("pfeed_3/seed1", "pfeed_3/seed2", "pfeed_3/seed3", "pfeed_3/seed4")
+    results = made_up_results(study_module, leave_out=left_out)
     study_module.write_report(study, results)
     report = (tmp_path / "fashion_mnist.md").read_text()
-    assert "| 1/3 | 91.00 (n=1) |" in report
-    assert "- pfeed_3 − ce: needs n ≥ 2 on both sides (have n=1 and n=3)" in report
-    assert "- not run yet: pfeed_3/seed1, pfeed_3/seed2" in report
+    assert "| 1/5 | 91.00 (n=1) |" in report
+    assert "- pfeed_3 − ce: needs n ≥ 2 on both sides (have n=1 and n=5)" in report
+    assert "- not run yet: " + ", ".join(left_out) in report
     assert "resume (or finish)" in report

@@ -2,10 +2,12 @@
 
 import keras
 import numpy as np
-
 from conftest import tiny_net
-from keras_feed import FEEDDistiller, factor_transfer, models
-from keras_feed.frozen import extractor as feature_extractor, folded_layers, inference_model, refold
+
+from keras_feed import FEEDDistiller, models
+from keras_feed.core import factor_transfer
+from keras_feed.core.frozen import extractor as feature_extractor
+from keras_feed.core.frozen import folded_layers, inference_model, refold
 
 
 def randomise_batchnorm(model, seed):

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from keras_feed import storage
+from keras_feed.run import files
+
+pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
 TIMEOUT = 600  # seconds, for a busy machine
 
@@ -32,7 +34,7 @@ RUN = [
 def start(args, log_path):
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "keras_feed.train", *RUN, *args],
+            [sys.executable, "-m", "keras_feed.cli.train", *RUN, *args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -64,7 +66,7 @@ def test_runs_sharing_a_teacher_dir_train_its_teachers_once(tmp_path, processes)
     teacher_dir = str(tmp_path / "teachers")
     logs = {name: str(tmp_path / f"{name}.txt") for name in ("first", "second")}
     # The test holds the folder's lock until both runs wait for it, then lets them race.
-    with storage.folder_lock(teacher_dir):
+    with files.folder_lock(teacher_dir):
         for name, log_path in logs.items():
             process = start([f"--model_dir={tmp_path / name}", f"--teacher_dir={teacher_dir}"],
                             log_path)
@@ -87,9 +89,9 @@ def test_runs_sharing_a_teacher_dir_train_its_teachers_once(tmp_path, processes)
 def test_folder_lock_waits_for_its_holder(tmp_path):
     folder = str(tmp_path / "shared")
     events = []
-    with storage.folder_lock(folder):
+    with files.folder_lock(folder):
         def second():
-            with storage.folder_lock(folder, on_wait=lambda: events.append("waiting")):
+            with files.folder_lock(folder, on_wait=lambda: events.append("waiting")):
                 events.append("locked")
 
         thread = threading.Thread(target=second)
@@ -102,6 +104,6 @@ def test_folder_lock_waits_for_its_holder(tmp_path):
     thread.join(timeout=60)
     assert events == ["waiting", "locked"]
     # Released: the lock can be taken at once, and the file stays empty.
-    with open(os.path.join(folder, storage.LOCK_NAME), "a+") as handle:
+    with open(os.path.join(folder, files.LOCK_NAME), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert os.path.getsize(os.path.join(folder, storage.LOCK_NAME)) == 0
+    assert os.path.getsize(os.path.join(folder, files.LOCK_NAME)) == 0

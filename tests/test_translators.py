@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_feed import translators
+from keras_feed.core import translators
 
 
 def test_translator_structure_and_shape():

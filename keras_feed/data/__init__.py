@@ -90,30 +90,25 @@ Modules: :mod:`.common` (``DatasetInfo``, constants, checks, subset and split),
 :mod:`.loader` (``load``, ``describe``).
 """
 
-from keras_feed.data.common import (  # noqa: F401 (re-exported)
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_GRAY_MEAN,
-    IMAGENET_GRAY_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DatasetInfo,
-    dataset_names,
-)
-from keras_feed.data.folder import FOLDER_VERIFY_LIMIT, SMALL_IMAGE_MAX  # noqa: F401
-from keras_feed.data.loader import describe, describe_augmentation, load
-from keras_feed.data.pipeline import Data
-from keras_feed.idx import DataError, read_idx
+from keras_feed import lazy
 
-__all__ = [
-    "DataError",
-    "DatasetInfo",
-    "Data",
-    "dataset_names",
-    "describe",
-    "describe_augmentation",
-    "load",
-    "read_idx",
-]
+# Loaded on first use: `data.idx` and `data.arrays` (and DataError, read_idx)
+# need no TensorFlow; the pipelines do.
+__getattr__, __dir__, __all__ = lazy.exports(
+    __name__,
+    ("arrays", "common", "folder", "idx", "idx_source", "imagenet", "loader", "pipeline",
+     "synthetic", "tfds_source"),
+    {
+        **{name: ("keras_feed.data.common", name) for name in (
+            "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
+            "IMAGENET_GRAY_MEAN", "IMAGENET_GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+            "DatasetInfo", "dataset_names")},
+        **{name: ("keras_feed.data.folder", name)
+           for name in ("FOLDER_VERIFY_LIMIT", "SMALL_IMAGE_MAX")},
+        **{name: ("keras_feed.data.loader", name)
+           for name in ("describe", "describe_augmentation", "load")},
+        "Data": ("keras_feed.data.pipeline", "Data"),
+        "DataError": ("keras_feed.data.idx", "DataError"),
+        "read_idx": ("keras_feed.data.idx", "read_idx"),
+    },
+)

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_feed.idx import DataError
+from keras_feed.data.idx import DataError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -16,8 +16,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from keras_feed.idx import DataError
-from keras_feed.idx import one_line as _one_line
+from keras_feed.data.idx import DataError
+from keras_feed.data.idx import one_line as _one_line
 
 #: Folders with at most this many images are fully decoded at load time.
 FOLDER_VERIFY_LIMIT = 20000

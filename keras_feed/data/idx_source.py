@@ -1,5 +1,5 @@
 """The ``idx`` source (and local ``mnist`` / ``fashion_mnist``): a folder of the
-four IDX files, read with the TensorFlow-free :mod:`keras_feed.idx` reader and
+four IDX files, read with the TensorFlow-free :mod:`keras_feed.data.idx` reader and
 validated (dtypes, shapes, counts, labels) into in-memory arrays.
 """
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_feed import idx
+from keras_feed.data import idx
 from keras_feed.data.common import check_labels
-from keras_feed.idx import DataError, read_idx
+from keras_feed.data.idx import DataError, read_idx
 
 IDX_FILES = idx.IDX_FILES
 find_idx_file = idx.find_idx_file

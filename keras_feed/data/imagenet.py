@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from keras_feed.data import tfds_source
 from keras_feed.data.common import subset_indices
-from keras_feed.idx import DataError
+from keras_feed.data.idx import DataError
 
 
 def load_imagenet(data_dir, train_examples, subset_seed):

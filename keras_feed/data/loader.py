@@ -30,8 +30,8 @@ from keras_feed.data.common import (
     not_held_out,
     split_indices,
 )
+from keras_feed.data.idx import DataError
 from keras_feed.data.pipeline import Data
-from keras_feed.idx import DataError
 
 
 def load(name, *, data_dir=None, train_examples=None, seed=0, image_size=None,

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_feed.data.common import SALT as _SALT
 from keras_feed.data.common import check_int as _check_int
-from keras_feed.idx import DataError
+from keras_feed.data.idx import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -17,8 +17,8 @@ from keras_feed.data.common import (
     IMAGENET_STD,
     check_labels,
 )
-from keras_feed.idx import DataError
-from keras_feed.idx import one_line as _one_line
+from keras_feed.data.idx import DataError
+from keras_feed.data.idx import one_line as _one_line
 
 #: What the TFDS datasets hold, for describing a run without downloading them:
 #: (classes, image shape, train size, test size, mean, std, augmentation).

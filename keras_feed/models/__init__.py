@@ -49,8 +49,8 @@ importing keras-feed. Conventions (BN momentum/epsilon, initialisers,
 padding) are described in :mod:`keras_feed.models.common`.
 """
 
-from keras_feed.models.common import FEATURES_LAYER
 from keras_feed.models import preprocessing
+from keras_feed.models.common import FEATURES_LAYER
 from keras_feed.models.registry import (
     build,
     families,
@@ -60,12 +60,12 @@ from keras_feed.models.registry import (
     register_family,
 )
 
-# Importing the architecture modules registers their builders.
-from keras_feed.models import resnet_cifar  # noqa: E402,F401
-from keras_feed.models import wide_resnet  # noqa: E402,F401
-from keras_feed.models import resnext  # noqa: E402,F401
-from keras_feed.models import resnet_imagenet  # noqa: E402,F401
-from keras_feed.models import small  # noqa: E402,F401
+# Importing the architecture modules registers their builders, in this order.
+from keras_feed.models import resnet_cifar  # noqa: E402,F401,I001
+from keras_feed.models import wide_resnet  # noqa: E402,F401,I001
+from keras_feed.models import resnext  # noqa: E402,F401,I001
+from keras_feed.models import resnet_imagenet  # noqa: E402,F401,I001
+from keras_feed.models import small  # noqa: E402,F401,I001
 
 __all__ = [
     "FEATURES_LAYER",

@@ -19,8 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
-from keras_feed.models import common
-from keras_feed.models import preprocessing
+from keras_feed.models import common, preprocessing
 
 Builder = Callable[[Tuple[Optional[int], ...], int], keras.Model]
 

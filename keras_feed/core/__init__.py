@@ -1,0 +1,16 @@
+"""The distillation core, backend-neutral (`keras.ops`): no run, no files, no flags.
+
+- `losses`: `feed_loss`, `kd_loss`, `ensemble_soft_targets`: pure functions.
+- `frozen`: feature maps by layer name or path, logits of softmax heads,
+  inference twins of frozen networks.
+- `translators`: the NTL (`Translator`) and Factor Transfer's `Paraphraser`.
+- `distiller`: `FEEDDistiller`, the `keras.Model` that trains a student from
+  frozen teachers through its NTLs.
+- `factor_transfer`: `ParaphraserTrainer`, Factor Transfer's first stage.
+- `trainer`: what Keras' trainers lack for FEED, per backend (`Trainer`).
+"""
+
+from keras_feed import lazy
+
+__getattr__, __dir__, __all__ = lazy.exports(
+    __name__, ("distiller", "factor_transfer", "frozen", "losses", "trainer", "translators"))

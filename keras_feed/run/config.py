@@ -1,0 +1,495 @@
+"""The settings of a training run: `TrainConfig`, its validation, its schedule.
+
+`TrainConfig` is the one source of truth for a run's settings. Each field
+carries, as metadata, what the command line needs to offer it as a flag of the
+same name (its help, its choices, its range, whether a rerun may change it:
+see `setting`); `keras-feed-train`'s flags are derived from the fields
+(`flag_specs`), so a new setting is one new field. The choices come from the
+registries that define them (methods, strategies, precisions, preprocessing
+conventions); every number has a range (`Bounds`) that `check_config` checks.
+
+Importing this module imports neither Keras nor the registries (methods,
+models, `keras_feed.run.distribute`): they are imported where they are used, so
+that a command can define the flags it takes, print its help and refuse an
+unsupported Keras backend (`check_backend`) before Keras loads.
+"""
+
+import dataclasses
+import json
+import numbers
+import os
+import re
+import sys
+import typing
+
+import numpy as np
+
+LR_SCHEDULES = ("step", "cosine")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+#: The Keras backends keras-feed runs on: its data pipelines, distribution
+#: strategies and SavedModel exports are TensorFlow's, which JAX runs beside.
+BACKENDS = ("tensorflow", "jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take, written as its help shows them.
+
+    `text` is one of: `> a`, `>= a`, `< b`, `<= b`, an interval `[a, b]`,
+    `(a, b]`, `[a, b)`, `(a, b)`, or a set of values `{a, b, c}`. For a tuple
+    setting the range applies to each item.
+    """
+
+    text: str
+
+    def __post_init__(self):
+        self._parsed()  # a malformed range fails where the field is defined
+
+    def _parsed(self):
+        text = self.text.strip()
+        number = r"\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*"
+        if text.startswith("{") and text.endswith("}"):
+            return "set", tuple(float(v) for v in text[1:-1].split(","))
+        match = re.fullmatch(r"(>=|>|<=|<)" + number, text)
+        if match:
+            return match.group(1), float(match.group(2))
+        match = re.fullmatch(r"([\[(])" + number + "," + number + r"([\])])", text)
+        if match:
+            return "interval", (match.group(1), float(match.group(2)), float(match.group(3)),
+                                match.group(4))
+        raise ValueError(f"Malformed range '{self.text}'.")
+
+    def __contains__(self, value):
+        kind, spec = self._parsed()
+        if kind == "set":
+            return value in spec
+        if kind == "interval":
+            opening, low, high, closing = spec
+            above = value >= low if opening == "[" else value > low
+            below = value <= high if closing == "]" else value < high
+            return above and below
+        return {">": value > spec, ">=": value >= spec, "<": value < spec,
+                "<=": value <= spec}[kind]
+
+    @property
+    def requirement(self):
+        """`must be > 0`, `must lie in (0, 1]`, `must be one of 0, 1, 2`."""
+        kind, _ = self._parsed()
+        if kind == "set":
+            return f"must be one of {self.text.strip()[1:-1]}"
+        if kind == "interval":
+            return f"must lie in {self.text}"
+        return f"must be {self.text}"
+
+    def __str__(self):
+        return self.text
+
+
+def setting(default, help, *, choices=None, resumable=False, item=None,  # pylint: disable=redefined-builtin
+            bounds=None):
+    """A `TrainConfig` field with what its flag needs.
+
+    Args:
+      default: the default value (also the flag's).
+      help: the flag's help text.
+      choices: the allowed values: a tuple, or a function returning them (a
+        registry's `names`), read when the flags are defined.
+      resumable: whether a rerun may change it and still resume the run
+        (`keras_feed.run.checkpointing.comparable_settings`): where and how it
+        runs, not what it trains.
+      item: for tuple settings, the type of their comma-separated items.
+      bounds: for numbers, the range of their values (`Bounds` text, e.g.
+        `"(0, 1]"`; each item's, for tuple settings); `check_config` refuses
+        a value outside it, and the flag's help shows it. None (the default
+        of an optional number) is always allowed.
+    """
+    metadata = {"help": help, "choices": choices, "resumable": resumable, "item": item,
+                "bounds": Bounds(bounds) if bounds is not None else None}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _strategy_names():
+    from keras_feed.run import distribute
+
+    return distribute.STRATEGIES
+
+
+def _method_names():
+    from keras_feed.run import methods
+
+    return methods.names()
+
+
+def _preprocessing_conventions():
+    from keras_feed.models import preprocessing
+
+    return preprocessing.CONVENTIONS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; `keras-feed-train`'s flags are its fields."""
+
+    # What to train.
+    method: str = setting("pfeed", "Training method (pfeed with --kd_weight > 0: FEED + KD).",
+                          choices=_method_names)
+    dataset: str = setting(
+        "cifar100",
+        "cifar10, cifar100, imagenet2012, fashion_mnist, mnist (tfds or an IDX --data_dir), "
+        "idx, folder, synthetic.")
+    data_dir: str | None = setting(
+        None, "tfds data dir, or a folder of IDX files / class sub-folders.")
+    image_size: int | None = setting(None, "Image size for imagenet2012 and folder datasets.",
+                                     bounds=">= 8")
+    model: str = setting("resnet56", "Student architecture (a keras_feed.models name).")
+    teacher_model: str | None = setting(None, "Teacher architecture; default: the student's.")
+    teachers: tuple = setting(
+        (), "Comma-separated .keras files of trained teachers; empty: train --num_teachers of "
+        "them.", item=str)
+    teacher_preprocessing: str = setting(
+        "auto",
+        "What a teacher file (--teachers, or one reused from --teacher_dir) without its own "
+        "preprocessing layer after its input expects: auto refuses such a file; dataset: "
+        "images normalised with the dataset's mean and std (every keras-feed 0.1.0 file; the "
+        "layer is added); none: raw pixels in [0, 255]. A file with the layer is used as it is.",
+        choices=_preprocessing_conventions)
+    num_teachers: int = setting(2, "Teachers to train when --teachers is empty.", bounds=">= 1")
+    teacher_dir: str | None = setting(
+        None, "Where trained teachers are kept and reused; default: <model_dir>/teachers.")
+    teacher_seed: int = setting(100, "Teacher i is trained with seed teacher_seed + i.",
+                                bounds=">= 0")
+    teacher_epochs: int | None = setting(None, "Epochs for each teacher; default: --epochs.",
+                                         bounds=">= 1")
+    student_layer: str = setting("features", "Name of the student's feature-map layer.")
+    teacher_layer: str = setting("features", "Name of the teachers' feature-map layer.")
+    translator_batchnorm: bool = setting(False, "BatchNorm inside the NTLs.")
+
+    # Data.
+    train_examples: int | None = setting(
+        None, "Train on a seeded subset of this many examples.", bounds=">= 1")
+    subset_seed: int = setting(
+        0, "Seed choosing the --train_examples subset (the same for teachers and student).",
+        bounds=">= 0")
+    validation_examples: int = setting(
+        0, "Hold out this many training examples (the last of a --subset_seed permutation, "
+        "whatever --train_examples is) as a validation split: --validation_freq evaluates on "
+        "it, and metrics.json gives every model's validation accuracy beside its test "
+        "accuracy. Tune recipes on it, not on the test split. 0: none.", bounds=">= 0")
+
+    # Recipe.
+    epochs: int = setting(200, "Training epochs of the student.", bounds=">= 1")
+    batch_size: int = setting(128, "Global batch size.", bounds=">= 1")
+    eval_batch_size: int = setting(256, "Batch size for evaluation.", bounds=">= 1")
+    learning_rate: float = setting(0.1, "Initial learning rate (SGD).", bounds="> 0")
+    lr_schedule: str = setting("step", "Learning-rate schedule.", choices=LR_SCHEDULES)
+    lr_decay_epochs: tuple = setting(
+        (), "Step schedule: epochs at which the rate is multiplied by --lr_decay_factor; "
+        "default: 50% and 75% of the epochs.", item=int, bounds=">= 1")
+    lr_decay_factor: float = setting(
+        0.1, "Step schedule: the decay factor (1: no decay).", bounds="(0, 1]")
+    momentum: float = setting(0.9, "SGD momentum.", bounds="[0, 1)")
+    nesterov: bool = setting(False, "Nesterov momentum.")
+    weight_decay: float = setting(5e-4, "Coupled L2 weight decay (added to the gradients).",
+                                  bounds=">= 0")
+    beta: float = setting(500.0, "Weight of the FEED terms.", bounds=">= 0")
+    kd_weight: float = setting(
+        0.0, "Weight of Hinton KD; cross-entropy gets 1 - kd_weight.", bounds="[0, 1]")
+    temperature: float = setting(4.0, "KD temperature.", bounds="> 0")
+    seed: int = setting(
+        0, "Seed of the student's initialisation, data order and augmentation.",
+        bounds=">= 0")
+    validation_freq: int = setting(
+        0, "Evaluate every N epochs during training, on the validation split if "
+        "--validation_examples holds one out, else on the test split (0: only at the end).",
+        bounds=">= 0")
+    jit_compile: bool = setting(False, "Compile the train step with XLA.")
+    mixed_precision: str = setting(
+        "float32", "Keras dtype policy: 16-bit computation with float32 weights and loss terms "
+        "(float16 with loss scaling).", choices=PRECISIONS)
+
+    # Devices (keras_feed.run.distribute).
+    strategy: str = setting(
+        "default", "Where to train: one device (default); this machine's devices (mirrored: "
+        "tf.distribute, or keras.distribution.DataParallel on JAX); several machines "
+        "(multi_worker, cluster from TF_CONFIG; TensorFlow only); a TPU (tpu; TensorFlow "
+        "only).",
+        choices=_strategy_names, resumable=True)
+    tpu: str | None = setting(
+        None, "--strategy=tpu: the TPU's name or grpc:// address; default: from the "
+        "environment.", resumable=True)
+    tpu_zone: str | None = setting(
+        None, "--strategy=tpu: the TPU's Google Cloud zone.", resumable=True)
+    gcp_project: str | None = setting(
+        None, "--strategy=tpu: the TPU's Google Cloud project.", resumable=True)
+    unsafe_load: bool = setting(
+        False, "Allow .keras files that carry code (Lambda layers). Only for files you trust.",
+        resumable=True)
+
+    # Sequential FEED, Factor Transfer, the baseline.
+    generations: int = setting(
+        2, "sfeed: born-again generations distilled after generation 0.", bounds=">= 1")
+    ft_rate: float = setting(
+        0.5, "ft: paraphrase rate k; the factor has k * C channels.", bounds="(0, 1]")
+    paraphraser_epochs: int = setting(
+        10, "ft: epochs of each paraphraser's reconstruction pre-training.", bounds=">= 1")
+    paraphraser_learning_rate: float = setting(
+        0.01, "ft: the paraphraser's peak learning rate (same schedule as the student's); its "
+        "reconstruction loss on raw teacher maps diverges at the student's usual 0.1.",
+        bounds="> 0")
+    baseline: bool = setting(
+        False, "Also train a plain cross-entropy student of the same architecture and seed, "
+        "and report its test accuracy and the gain (metrics.json: baseline, gain).")
+    dry_run: bool = setting(
+        False, "Validate the flags, build the models and the data spec, print the plan, train "
+        "nothing.", resumable=True)
+
+    # Outputs and resuming.
+    model_dir: str = setting(
+        "runs/feed", "Where the student, export, metrics and logs are written.", resumable=True)
+    checkpoint_steps: int = setting(
+        0, "Also checkpoint every N training steps (0: at the end of each epoch only); "
+        "rerunning with the same flags resumes from the last checkpoint.", resumable=True,
+        bounds=">= 0")
+    deterministic: bool = setting(
+        False, "Seeded, deterministic ops: a run killed and resumed ends with the same "
+        "weights, bit for bit, as an uninterrupted one (slower on some hardware).")
+    verbose: int | None = setting(
+        None, "Keras fit verbosity (0, 1: bar, 2: a line an epoch); default: bar on a "
+        "terminal.", resumable=True, bounds="{0, 1, 2}")
+
+    @property
+    def teacher_architecture(self):
+        return self.teacher_model or self.model
+
+    @property
+    def teacher_folder(self):
+        return self.teacher_dir or os.path.join(self.model_dir, "teachers")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagSpec:
+    """What a command line needs to offer one `TrainConfig` field as a flag."""
+
+    name: str
+    kind: str  # string | integer | float | bool | enum | list
+    default: typing.Any
+    help: str
+    choices: tuple | None = None
+    item: type | None = None
+    bounds: Bounds | None = None
+
+
+def _base_type(annotation):
+    """`int` for `int | None`, and so on."""
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return arguments[0] if arguments else annotation
+
+
+def flag_specs(names=None):
+    """The `FlagSpec` of every field of `TrainConfig` (or of those in `names`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    specs = []
+    for field in dataclasses.fields(TrainConfig):
+        if names is not None and field.name not in names:
+            continue
+        meta = field.metadata
+        choices = meta["choices"]
+        if callable(choices):
+            choices = choices()
+        base = _base_type(hints[field.name])
+        if choices:
+            kind = "enum"
+        elif base is bool:
+            kind = "bool"
+        elif base is int:
+            kind = "integer"
+        elif base is float:
+            kind = "float"
+        elif base is tuple:
+            kind = "list"
+        else:
+            kind = "string"
+        default = list(field.default) if kind == "list" else field.default
+        specs.append(FlagSpec(field.name, kind, default, flag_help(field),
+                              tuple(choices) if choices else None, meta["item"], meta["bounds"]))
+    return specs
+
+
+def flag_help(field):
+    """The help of `field`'s flag: its help, then its range (each item's, for lists)."""
+    meta = field.metadata
+    bounds = meta["bounds"]
+    if bounds is None:
+        return meta["help"]
+    each = "each " if meta["item"] is not None else ""
+    return f"{meta['help']} Range: {each}{bounds}."
+
+
+def from_values(values):
+    """A `TrainConfig` from flag values (`{name: value}`, lists for tuple settings)."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for name, value in values.items():
+        item = fields[name].metadata["item"]
+        if item is not None and value is not None:
+            try:
+                value = tuple(item(entry) for entry in value)
+            except ValueError:
+                raise ValueError(
+                    f"--{name} must be a comma-separated list of {item.__name__} values, got "
+                    f"{','.join(str(entry) for entry in value)}."
+                ) from None
+        settings[name] = value
+    return TrainConfig(**settings)
+
+
+def from_record(record):
+    """The `TrainConfig` recorded in a `metrics.json` (`config`), defaults for what is missing.
+
+    Settings the record has that this version does not know are ignored.
+    """
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in record.items() if name in known
+    })
+
+
+def check_config(config, method):
+    """Raises `ValueError` (one line) on flag values that cannot work.
+
+    First the Keras backend (`check_backend`), then every number: finite, and
+    in its field's range (`setting(bounds=...)`), then the choices, the
+    teacher files and what `method` checks itself (`Method.check`).
+    """
+    check_backend()
+    for field in dataclasses.fields(config):  # nan and inf pass every comparison below
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"--{field.name} must be a finite number, got {value}.")
+    for field in dataclasses.fields(config):
+        check_bounds(field, getattr(config, field.name))
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"Unknown --lr_schedule '{config.lr_schedule}'; choose from {', '.join(LR_SCHEDULES)}."
+        )
+    conventions = _preprocessing_conventions()
+    if config.teacher_preprocessing not in conventions:
+        raise ValueError(
+            f"Unknown --teacher_preprocessing '{config.teacher_preprocessing}'; choose from "
+            f"{', '.join(conventions)}."
+        )
+    for path in config.teachers:
+        if not os.path.isfile(path):
+            raise ValueError(f"Teacher file not found: {path}")
+    method.check(config)
+
+
+def check_bounds(field, value):
+    """Raises `ValueError` (one line) if `value` lies outside `field`'s range.
+
+    None passes for an optional setting (one whose default is None); a tuple
+    setting's range applies to each of its items.
+    """
+    bounds = field.metadata["bounds"]
+    if bounds is None or (value is None and field.default is None):
+        return
+    items = value if isinstance(value, tuple) else (value,)
+    shown = ",".join(str(item) for item in items) if isinstance(value, tuple) else value
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise ValueError(f"--{field.name} must be a number, got {shown!r}.")  # noqa: TRY004
+        if item not in bounds:
+            if isinstance(value, tuple):
+                raise ValueError(
+                    f"--{field.name} must be comma-separated values {bounds}, got {shown}.")
+            raise ValueError(f"--{field.name} {bounds.requirement}, got {shown}.")
+
+
+def keras_backend():
+    """The Keras backend this process runs on, or will, and where that is set.
+
+    Returns `(name, source)`. Keras reads its backend once, when it is
+    imported; this reads it the same way without importing Keras (importing
+    it on a backend whose package is missing fails): `KERAS_BACKEND` if set
+    and not empty, else the `"backend"` of `keras.json` in `$KERAS_HOME`
+    (default: `~/.keras`, or `/tmp/.keras` where the home folder is not
+    writable), else `tensorflow`. Once Keras is imported, its own backend is
+    the name.
+    """
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    path = os.path.expanduser(os.path.join(folder, "keras.json"))
+    name, source = "tensorflow", "Keras' default"
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+        except (OSError, ValueError):
+            settings = {}
+        if isinstance(settings, dict) and "backend" in settings:
+            name, source = settings["backend"], path
+    if os.environ.get("KERAS_BACKEND"):
+        name, source = os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        loaded = keras.backend.backend()
+        if loaded != name:
+            name, source = loaded, "the backend Keras was imported with"
+    return name, source
+
+
+def check_backend():
+    """Raises `ValueError` (one line) unless Keras runs on one of `BACKENDS`."""
+    name, source = keras_backend()
+    if name not in BACKENDS:
+        where = f"set by {source}" if source in ("KERAS_BACKEND",) else f"from {source}"
+        raise ValueError(
+            f"keras-feed runs on the Keras backends {' and '.join(BACKENDS)}, not {name!r} "
+            f"({where}); set KERAS_BACKEND={BACKENDS[0]} or KERAS_BACKEND={BACKENDS[1]}."
+        )
+
+
+def make_optimizer(config, steps_per_epoch, epochs, peak_learning_rate=None):
+    """SGD with momentum and the configured learning-rate schedule."""
+    import keras
+
+    return keras.optimizers.SGD(
+        learning_rate_schedule(config, steps_per_epoch, epochs, peak_learning_rate),
+        momentum=config.momentum, nesterov=config.nesterov,
+    )
+
+
+def learning_rate_schedule(config, steps_per_epoch, epochs, peak_learning_rate=None):
+    """The configured schedule (a float when constant), from `peak_learning_rate`.
+
+    The peak defaults to `config.learning_rate`.
+    """
+    import keras
+
+    total_steps = steps_per_epoch * epochs
+    peak = config.learning_rate if peak_learning_rate is None else peak_learning_rate
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            peak, decay_steps=max(1, total_steps)
+        )
+    else:
+        decay_epochs = config.lr_decay_epochs or (
+            int(round(0.5 * epochs)),
+            int(round(0.75 * epochs)),
+        )
+        boundaries = sorted({int(e) * steps_per_epoch for e in decay_epochs if 0 < e < epochs})
+        values = [
+            peak * config.lr_decay_factor**index
+            for index in range(len(boundaries) + 1)
+        ]
+        learning_rate = (
+            keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+            if boundaries
+            else peak
+        )
+    return learning_rate
