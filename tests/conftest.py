@@ -21,6 +21,20 @@ def tiny_net(name, *, width=8, classes=5, input_shape=(16, 16, 3), strides=1, se
     return keras.Model(inputs, outputs, name=name)
 
 
+def gradients(function, *arguments):
+    """The gradients of the scalar `function(*arguments)` (None where none flows)."""
+    if keras.backend.backend() == "jax":
+        import jax  # noqa: PLC0415 (the backend under test)
+
+        return [np.asarray(g) for g in jax.grad(function, argnums=tuple(range(len(arguments))))(*arguments)]
+    import tensorflow as tf  # noqa: PLC0415
+
+    variables = [tf.Variable(argument) for argument in arguments]
+    with tf.GradientTape() as tape:
+        value = function(*variables)
+    return [None if g is None else g.numpy() for g in tape.gradient(value, variables)]
+
+
 def count_real_passes(calls):
     """Appends 1 to `calls` when a real batch passes here (not in Keras' symbolic build).
 

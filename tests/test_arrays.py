@@ -39,7 +39,7 @@ def test_load_idx_gives_uint8_images_with_a_channel_axis(idx_folder):
     assert x_train.shape == (40, 16, 16, 1) and x_train.dtype == np.uint8
     assert x_test.shape == (12, 16, 16, 1) and y_train.dtype == np.int32 and y_test.shape == (12,)
     os.remove(idx_folder / "t10k-labels-idx1-ubyte")
-    with pytest.raises(idx.DataError, match="missing IDX file .*t10k-labels-idx1-ubyte"):
+    with pytest.raises(idx.DataError, match=r"missing IDX file\(s\) in .*t10k-labels-idx1-ubyte"):
         arrays.load_idx(str(idx_folder))
 
 

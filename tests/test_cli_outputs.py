@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from keras_feed.run import runner
+from keras_feed.run import files, runner
 from keras_feed.run.config import TrainConfig
 
 pytestmark = [
@@ -83,12 +83,29 @@ def read(path):
         return handle.read()
 
 
-# -- keras-feed-export: never deletes what the user did not name ------------------------
+# -- keras-feed-export: its formats, and it never deletes what the user did not name ----
 
 
-EXPORTS = [("tf_saved_model", "served"), ("litert", "served.tflite")]
-if HAS_ONNX:
-    EXPORTS.append(("onnx", "served.onnx"))
+#: The formats this machine can export and run, from their one definition.
+FORMATS = [name for name in files.EXPORT_FORMATS if name != "onnx" or HAS_ONNX]
+EXPORTS = [(name, {"tf_saved_model": "served", "litert": "served.tflite", "onnx": "served.onnx"}[name])
+           for name in FORMATS]
+
+
+def test_export_offers_the_formats_storage_defines():
+    """`--format`'s choices and help are `files.EXPORT_FORMATS`; `--help` loads no Keras."""
+
+    result = subprocess.run([sys.executable, "-m", "keras_feed.cli.export", "--help"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # absl wraps the help at 80 columns
+    assert f"--format: <{'|'.join(files.EXPORT_FORMATS)}>: Export format: " in text, result.stdout
+    for name, what in files.EXPORT_FORMATS.items():
+        assert f"{name}, {what}" in text, name
+    imported = set(re.findall(r"^import time:.*\|\s+([\w.]+)$", result.stderr, re.MULTILINE))
+    assert "keras_feed.cli.common" in imported and not {"keras", "tensorflow"} & imported
+    refused = command("export", "--student=student.keras", "--output=served", "--format=pickle")
+    assert_refused(refused, "keras-feed-export", "--format", *files.EXPORT_FORMATS)
 
 
 @pytest.mark.parametrize("export_format,name", EXPORTS)
@@ -210,7 +227,6 @@ def damaged_copy(source, folder, damage):
     return target, model_file
 
 
-FORMATS = ["tf_saved_model", "litert"] + (["onnx"] if HAS_ONNX else [])
 DAMAGES = ["truncated", "foreign"]
 
 

@@ -229,12 +229,12 @@ def test_flags_parse_into_the_config_and_bad_lists_are_refused():
 
 
 def test_the_settings_a_rerun_may_change_are_the_resumable_fields():
-    from keras_feed.run import checkpointing, config
+    from keras_feed.run import config, run_folder
 
-    compared = set(checkpointing.comparable_settings(config.TrainConfig()))
+    compared = set(run_folder.comparable_settings(config.TrainConfig()))
     every = {field.name for field in dataclasses.fields(config.TrainConfig)}
-    assert every - compared == checkpointing.resumable_settings(config.TrainConfig)
-    assert {"model_dir", "verbose", "strategy"} <= checkpointing.resumable_settings(config.TrainConfig)
+    assert every - compared == run_folder.resumable_settings(config.TrainConfig)
+    assert {"model_dir", "verbose", "strategy"} <= run_folder.resumable_settings(config.TrainConfig)
     assert {"beta", "seed", "epochs", "method"} <= compared
 
 

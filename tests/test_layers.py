@@ -19,13 +19,13 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = [
     {"lazy"},
     # The backend-neutral core, the data and the model zoo: they know nothing of runs.
-    {"data", "models", "core.losses"},
+    {"data", "models", "core.losses", "core.weighting"},
     {"core.frozen", "core.translators", "core.trainer"},
     {"core.distiller", "core.factor_transfer"},
     # A run: files and devices, then checkpoints and methods, then settings, stages, runner.
     {"run.interrupts", "run.reporting", "run.files", "run.distribute"},
     {"run.storage", "run.summary"},
-    {"run.checkpointing", "run.serving"},
+    {"run.checkpointing", "run.run_folder", "run.serving"},
     {"run.methods"},
     {"run.config"},
     {"run.experiment"},

@@ -383,7 +383,8 @@ def test_mean_and_std_add_a_normalising_first_layer(tmp_path):
     model.save(path)
     reloaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
-    # The same network wrapped afterwards, its layers shared: a 0.1.0 file made raw-pixel.
+    # The same network wrapped afterwards, its layers shared: a file taking normalised images
+    # made raw-pixel.
     wrapped = preprocessing.add(plain, mean, std)
     assert wrapped.get_layer("features") is plain.get_layer("features")
     np.testing.assert_allclose(wrapped.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
@@ -421,6 +422,44 @@ def test_raw_pixel_model_follows_the_stated_convention():
     sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255.0),
                                    keras.layers.Flatten(), keras.layers.Dense(3)])
     assert isinstance(preprocessing.find(sequential), keras.layers.Rescaling)
+
+
+def test_find_reads_the_graph_as_saved(tmp_path):
+    """The layer is found through a nested backbone and in a reloaded file, and only as the
+    input's one consumer (the input also feeding another branch: no preprocessing layer)."""
+    from keras_feed.models import preprocessing
+
+    backbone = models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=0,
+                            mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    inputs = keras.Input((16, 16, 3))
+    nested = keras.Model(inputs, keras.layers.Dense(2)(backbone(inputs)))
+    assert preprocessing.find(nested) is backbone.get_layer("preprocessing")
+    inputs = keras.Input((8, 8, 1))
+    scaled = keras.layers.Rescaling(1 / 255.0)(inputs)
+    branches = [keras.layers.Flatten()(scaled), keras.layers.Flatten()(inputs)]
+    assert preprocessing.find(keras.Model(inputs, keras.layers.Concatenate()(branches))) is None
+    plain = models.build("resnet8", input_shape=(16, 16, 3), num_classes=4, seed=0)
+    shared = preprocessing.add(plain, (0.5,) * 3, (0.2,) * 3)  # plain's layers, called twice
+    assert preprocessing.find(shared).name == "preprocessing" and preprocessing.find(plain) is None
+    shared.save(tmp_path / "shared.keras")
+    reloaded = keras.models.load_model(tmp_path / "shared.keras", safe_mode=True)
+    assert preprocessing.find(reloaded) is reloaded.layers[1]
+
+
+def test_teacher_preprocessing_offers_the_conventions():
+    """`--teacher_preprocessing`'s choices, checks and help all follow `CONVENTIONS`."""
+    import dataclasses
+
+    from keras_feed.models import preprocessing
+    from keras_feed.run import config
+
+    (spec,) = config.flag_specs(("teacher_preprocessing",))
+    assert spec.choices == preprocessing.CONVENTIONS and spec.default in preprocessing.CONVENTIONS
+    for convention in preprocessing.CONVENTIONS:
+        assert f" {convention}: " in spec.help, convention
+    bad = dataclasses.replace(config.TrainConfig(), teacher_preprocessing="normalised")
+    with pytest.raises(ValueError, match="choose from " + ", ".join(preprocessing.CONVENTIONS)):
+        config.check_config(bad, None)
 
 
 def test_a_model_with_its_preprocessing_gives_its_features_the_keras_way():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import snapshot
 
-from keras_feed.run import checkpointing, files, interrupts, storage
+from keras_feed.run import checkpointing, files, interrupts, run_folder, storage
 
 pytestmark = pytest.mark.slow  # end to end, in subprocesses (outside the fast tier)
 
@@ -105,7 +105,7 @@ def assert_outputs_complete(model_dir):
             continue
         for name in names:
             path = os.path.join(root, name)
-            if files.PARTIAL_MARK in name or name == checkpointing.LOCK_FILE:
+            if files.PARTIAL_MARK in name or name == files.LOCK_NAME:
                 continue
             if name.endswith(".keras"):
                 storage.load_model(path)
@@ -235,19 +235,19 @@ def test_killed_run_resumes_to_bitwise_equal_weights(reference, tmp_path):
 def test_run_directory_records_compares_and_locks_settings(tmp_path):
     import dataclasses
 
-    from keras_feed.run.runner import TrainConfig
+    from keras_feed.run.config import TrainConfig
 
     config = TrainConfig(model_dir=str(tmp_path / "run"), epochs=2, dataset="synthetic")
-    with checkpointing.RunDirectory(config) as model_dir:
+    with run_folder.RunDirectory(config) as model_dir:
         assert not model_dir.resuming and model_dir.finished is None
         with pytest.raises(ValueError, match="Another process is writing"):
-            with checkpointing.RunDirectory(config):
+            with run_folder.RunDirectory(config):
                 pass
     changed = dataclasses.replace(config, verbose=2, checkpoint_steps=7, strategy="mirrored")
-    with checkpointing.RunDirectory(changed) as model_dir:
+    with run_folder.RunDirectory(changed) as model_dir:
         assert model_dir.resuming
     with pytest.raises(ValueError, match=r"--epochs: 2 there, 3 now; --seed: 0 there, 1 now"):
-        with checkpointing.RunDirectory(dataclasses.replace(config, epochs=3, seed=1)):
+        with run_folder.RunDirectory(dataclasses.replace(config, epochs=3, seed=1)):
             pass
 
 
@@ -314,7 +314,7 @@ def test_failed_export_keeps_the_old_folder(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys
-from keras_feed.run import storage
+from keras_feed.run import files
 
 with files.atomic_path(sys.argv[1]) as temporary:
     with open(temporary, "w") as handle:

@@ -3,16 +3,15 @@
 A tiny real run on an IDX dataset of 16x16 RGB images (3 channels with their own
 statistics, a partial last test batch), then its student as `student.keras`,
 as the SavedModel `export/`, as LiteRT and as ONNX, fed the test images exactly
-as the IDX file holds them (uint8); `keras-feed-eval` on each format; and the
-files of keras-feed 0.1.0, which expect normalised images: teacher files
-(`--teacher_preprocessing`), run folders (`keras-feed-analyze`) and students
-(`keras-feed-eval --preprocessing`).
+as the IDX file holds them (uint8); `keras-feed-eval` on each format; models
+without keras-feed's normalisation, which are fed raw pixels as they are; and
+teacher files that expect normalised images (`--teacher_preprocessing=dataset`),
+in training and in the analysis of the run.
 """
 
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from keras_feed import data
+from keras_feed.core import frozen
 from keras_feed.models import preprocessing
 from keras_feed.run import analysis, runner, serving, storage
 from keras_feed.run.config import TrainConfig
@@ -101,7 +101,7 @@ def accuracy(outputs, labels):
 
 
 def strip_preprocessing(model):
-    """`model` without its preprocessing layer: a network taking normalised images, as in 0.1.0."""
+    """`model` without its preprocessing layer: a network taking normalised images."""
     layer = preprocessing.find(model)
     assert layer is not None
 
@@ -268,30 +268,49 @@ def test_export_command_writes_onnx(run, idx_dir, tmp_path):
         metrics["student"]["test_accuracy"], abs=1e-6)
 
 
-# -- files of keras-feed 0.1.0: no normalisation inside -----------------------------------
+# -- models without keras-feed's normalisation ------------------------------------------
+
+
+def test_eval_feeds_raw_pixels_to_any_model(run, idx_dir, tmp_path):
+    """A model without the layer, and an export taking float32, get raw pixels as they are."""
+    model_dir, metrics = run
+    student = keras.models.load_model(os.path.join(model_dir, "student.keras"))
+    stripped = strip_preprocessing(student)
+    path = str(tmp_path / "stripped.keras")
+    stripped.save(path)
+    images, _ = stored_test_split(idx_dir)
+    predictor = serving.load_predictor(path)
+    np.testing.assert_allclose(predictor(images[:8]), stripped.predict(images[:8].astype(np.float32), verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    # Keras' own export takes float32: raw pixels, which the student normalises itself.
+    export_dir = str(tmp_path / "float32_export")
+    student.export(export_dir, format="tf_saved_model", verbose=False)
+    predictor = serving.load_predictor(export_dir)
+    assert predictor.input_dtype == "float32"
+    result = serving.evaluate(predictor, data.load("idx", data_dir=idx_dir[0]).test(64))
+    assert result["accuracy"] == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)
+
+
+# -- teacher files that expect normalised images: --teacher_preprocessing=dataset --------
 
 
 @pytest.fixture(scope="module")
-def old_files(run, tmp_path_factory):
-    """The run's teacher and student as keras-feed 0.1.0 wrote them: taking normalised images."""
-    model_dir, metrics = run
-    folder = tmp_path_factory.mktemp("old")
-    paths = {}
-    for name, path in (("teacher", metrics["teacher_paths"][0]),
-                       ("student", os.path.join(model_dir, "student.keras"))):
-        paths[name] = str(folder / f"{name}.keras")
-        strip_preprocessing(keras.models.load_model(path)).save(paths[name])
-    return paths
-
-
-def test_old_teacher_needs_its_input_convention(run, idx_dir, old_files, tmp_path):
+def normalised_teacher(run, tmp_path_factory):
+    """The run's teacher without its preprocessing layer, as a model trained elsewhere may be."""
     _, metrics = run
-    settings = dict(SETTINGS, epochs=1, data_dir=idx_dir[0], teachers=(old_files["teacher"],))
+    path = str(tmp_path_factory.mktemp("external") / "teacher.keras")
+    strip_preprocessing(keras.models.load_model(metrics["teacher_paths"][0])).save(path)
+    return path
+
+
+def test_a_teacher_file_without_the_layer_needs_its_input_convention(run, idx_dir, normalised_teacher, tmp_path):
+    _, metrics = run
+    settings = dict(SETTINGS, epochs=1, data_dir=idx_dir[0], teachers=(normalised_teacher,))
     refused = tmp_path / "refused"
     with pytest.raises(ValueError) as error:
         runner.run(TrainConfig(method="pfeed", model_dir=str(refused), **settings))
     message = str(error.value)
-    assert "\n" not in message and old_files["teacher"] in message
+    assert "\n" not in message and normalised_teacher in message
     assert "--teacher_preprocessing=dataset" in message and "--teacher_preprocessing=none" in message
     assert not refused.exists()
 
@@ -302,51 +321,21 @@ def test_old_teacher_needs_its_input_convention(run, idx_dir, old_files, tmp_pat
                "augmentation: zero-pad 2 + random 16x16 crop" in line for line in plan), plan
     assert any("from files (--teacher_preprocessing=dataset)" in line for line in plan), plan
 
+    wrapped_dir = tmp_path / "wrapped"
     wrapped = runner.run(TrainConfig(
-        method="pfeed", model_dir=str(tmp_path / "wrapped"), teacher_preprocessing="dataset",
-        **settings))
-    # The 0.1.0 file with the dataset's normalisation added is the original teacher.
+        method="pfeed", model_dir=str(wrapped_dir), teacher_preprocessing="dataset", **settings))
+    # The file with the dataset's normalisation added is the original teacher.
     assert wrapped["teachers"][0]["test_accuracy"] == metrics["teachers"][0]["test_accuracy"]
     assert wrapped["teachers"][0]["test_top5_accuracy"] == metrics["teachers"][0]["test_top5_accuracy"]
     assert wrapped["input"]["teacher_preprocessing"] == "dataset"
 
-
-def test_analysis_of_an_old_run_folder(run, idx_dir, old_files, tmp_path):
-    model_dir, _ = run
-    old_run = tmp_path / "old_run"
-    shutil.copytree(model_dir, old_run)
-    shutil.copyfile(old_files["student"], old_run / "student.keras")
-    metrics = json.loads((old_run / "metrics.json").read_text())
-    del metrics["input"], metrics["config"]["teacher_preprocessing"]  # 0.1.0 wrote neither
-    metrics["teacher_paths"] = [old_files["teacher"]]
-    (old_run / "metrics.json").write_text(json.dumps(metrics))
-
-    out = tmp_path / "analysis"
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_feed.cli.analyze", f"--runs={old_run}", "--dataset=idx",
-         f"--data_dir={idx_dir[0]}", f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    (report,) = json.loads((out / "analysis.json").read_text())["runs"]
-    count, expected = analysis.measure(analysis.RunParts(model_dir), data.load(
-        "idx", data_dir=idx_dir[0]).test(256))
-    assert report["examples"] == count == N_TEST
-    for entry, reference in zip(report["teachers"], expected):
-        assert entry["feed_loss"] == pytest.approx(reference["feed_loss"], rel=1e-5)
-        assert entry["relative_l2_error"] == pytest.approx(reference["relative_l2_error"], rel=1e-5)
-
-
-def test_eval_of_an_old_student(run, idx_dir, old_files):
-    _, metrics = run
-    with pytest.raises(ValueError, match="--preprocessing=dataset") as error:
-        serving.load_predictor(old_files["student"])
-    assert "\n" not in str(error.value)
-    dataset = data.load("idx", data_dir=idx_dir[0])
-    predictor = serving.load_predictor(old_files["student"], preprocessing="dataset",
-                                        statistics=lambda: (dataset.info.mean, dataset.info.std))
-    result = serving.evaluate(predictor, dataset.test(64))
-    assert result["accuracy"] == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)
+    # The analysis of that run gives the file the normalisation its metrics.json records.
+    parts = analysis.RunParts(str(wrapped_dir))
+    assert parts.teacher_paths == [normalised_teacher]
+    images = stored_test_split(idx_dir)[0][:8].astype(np.float32)
+    original = frozen.extractor(keras.models.load_model(metrics["teacher_paths"][0]), "features")
+    np.testing.assert_allclose(parts.teachers[0](images, training=False)[-1],
+                               original(images, training=False)[-1], rtol=1e-4, atol=1e-4)
 
 
 STUDY_TEACHERS = os.path.join(ROOT, "benchmarks", "results", "fashion_mnist_teachers")
@@ -355,7 +344,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 @pytest.mark.skipif(not glob.glob(os.path.join(FASHION_MNIST, "t10k-images*")),
                     reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
-def test_study_teachers_of_0_1_0_keep_their_recorded_accuracy():
+def test_study_teachers_keep_their_recorded_accuracy():
     """The committed study teachers, taken with teacher_preprocessing="dataset" as the study does."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import fashion_mnist_study as study
@@ -372,20 +361,3 @@ def test_study_teachers_of_0_1_0_keep_their_recorded_accuracy():
     labels = np.concatenate([y.numpy() for _, y in fashion.test(500)])
     logits = teacher.predict(fashion.test(500).map(lambda x, y: x), verbose=0)
     assert accuracy(logits, labels) == pytest.approx(recorded, abs=1e-6)
-
-
-def test_export_command_on_an_old_student(run, idx_dir, old_files, tmp_path):
-    _, metrics = run
-    export_dir = str(tmp_path / "export")
-    command = [sys.executable, "-m", "keras_feed.cli.export", f"--student={old_files['student']}",
-               f"--export_dir={export_dir}"]
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert refused.returncode == 1 and not os.path.exists(export_dir)
-    assert "--preprocessing=dataset" in refused.stderr.strip().splitlines()[-1]
-    result = subprocess.run(command + ["--preprocessing=dataset", "--dataset=idx", f"--data_dir={idx_dir[0]}"],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    images, labels = stored_test_split(idx_dir)
-    served = keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default")(images)
-    served = next(iter(served.values())).numpy() if isinstance(served, dict) else served.numpy()
-    assert accuracy(served, labels) == pytest.approx(metrics["student"]["test_accuracy"], abs=1e-6)

@@ -100,7 +100,7 @@ def test_write_errors_are_one_line_on_the_command_line(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "keras_feed.cli.export", f"--student={source}",
-         f"--export_dir={export_dir}", "--preprocessing=none"],
+         f"--export_dir={export_dir}"],
         capture_output=True, text=True, timeout=300, preexec_fn=small_files,
     )
     assert result.returncode == 1

@@ -19,9 +19,9 @@ not such a report, or a `reconstruction_error.png` that is not a PNG image,
 is refused with one line (exit 1) before anything is measured, unless
 `--overwrite` is given; other files in the folder are never touched.
 
-Run folders of keras-feed 0.1.0, whose student and teachers expect images
-normalised with the dataset's mean and std, are analysed too: `--dataset`'s
-normalisation is added to those models as their first layer.
+The models are fed raw pixels of `--dataset`, as in training: teacher files
+the run read with `--teacher_preprocessing=dataset` get the normalisation
+recorded in its `metrics.json`, as the run gave it to them.
 """
 
 import os
@@ -106,8 +106,7 @@ def main():
         raise ValueError(f"--labels names {len(labels)} runs, --runs {len(FLAGS.runs)}.")
     data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
     parts = [
-        analysis.RunParts(run, statistics=lambda: (data.info.mean, data.info.std),
-                          unsafe=FLAGS.unsafe_load)
+        analysis.RunParts(run, unsafe=FLAGS.unsafe_load)
         for run in FLAGS.runs
     ]
     dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)

@@ -156,21 +156,6 @@ def define_unsafe_load_flag():
     define_config_flags(("unsafe_load",))
 
 
-def define_preprocessing_flag():
-    """Defines --preprocessing: what a model file without its own normalisation expects."""
-    from absl import flags
-
-    if "preprocessing" not in flags.FLAGS:
-        flags.DEFINE_enum(
-            "preprocessing", "auto", ["auto", "dataset", "none"],
-            "What a model without keras-feed's normalisation inside expects (a .keras model "
-            "without its own preprocessing layer after its input, or an export taking float32 "
-            "inputs): auto refuses it; dataset: images normalised with --dataset's mean and std "
-            "(every keras-feed 0.1.0 file); none: raw pixels in [0, 255]. A model with the "
-            "layer, or an export taking uint8 images, is used as it is.",
-        )
-
-
 def refuse_unsupported_backend(program):
     """Exits with one line and 1 unless Keras runs on a backend of `config.BACKENDS`.
 

@@ -6,13 +6,13 @@
 `--model_path` is a `.keras` file, a SavedModel folder (e.g. `<model_dir>/export`),
 a LiteRT `.tflite` file or an ONNX `.onnx` file (`keras-feed-export --format=...`).
 The model is given the split's raw images: float32 pixels in [0, 255] for a
-`.keras` model, uint8 images for an export that takes them (every export
-keras-feed writes), since the normalisation is inside the model. Its outputs
-may be logits or probabilities (a softmax head: `keras_feed.core.frozen.head_kind`
-for `.keras`; for an export, rows that are non-negative and sum to 1 within
-1e-3). A model without that normalisation (keras-feed 0.1.0 files, or exports
-taking float32 inputs) needs `--preprocessing=dataset` (it expects images
-normalised with the dataset's mean and std) or `--preprocessing=none`.
+`.keras` model and for an export that takes float32, uint8 images for an
+export that takes them (every export keras-feed writes), since the
+normalisation is inside the model. Any model is used as it is: one that
+expects normalised images needs its normalisation as its first layer
+(`keras_feed.models.preprocessing.add`). Its outputs may be logits or
+probabilities (a softmax head: `keras_feed.core.frozen.head_kind` for
+`.keras`; for an export, rows that are non-negative and sum to 1 within 1e-3).
 
 Prints one JSON object: the model, its format and head, the split, the number
 of examples, the top-1 accuracy and the mean cross-entropy.
@@ -31,7 +31,6 @@ def define_flags():
     """Defines the command's flags (when it runs, not when it is imported)."""
     common.define_data_flags()
     common.define_unsafe_load_flag()
-    common.define_preprocessing_flag()
     flags.DEFINE_string("model_path", None, "A .keras file, a SavedModel folder (e.g. "
                         "<model_dir>/export), a .tflite or an .onnx file.", required=True)
     flags.DEFINE_enum("split", "test", ["test", "train"], "Which split to evaluate on.")
@@ -43,10 +42,7 @@ def main():
     from keras_feed.run.serving import evaluate, load_predictor
 
     data = data_lib.load(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size)
-    predict = load_predictor(
-        FLAGS.model_path, unsafe=FLAGS.unsafe_load, preprocessing=FLAGS.preprocessing,
-        statistics=lambda: (data.info.mean, data.info.std),
-    )
+    predict = load_predictor(FLAGS.model_path, unsafe=FLAGS.unsafe_load)
     dataset = data.test(FLAGS.batch_size) if FLAGS.split == "test" else data.train_eval(FLAGS.batch_size)
     result = {"model_path": FLAGS.model_path, "dataset": data.info.name, "split": FLAGS.split}
     result.update(evaluate(predict, dataset))

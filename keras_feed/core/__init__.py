@@ -8,9 +8,11 @@
   frozen teachers through its NTLs.
 - `factor_transfer`: `ParaphraserTrainer`, Factor Transfer's first stage.
 - `trainer`: what Keras' trainers lack for FEED, per backend (`Trainer`).
+- `weighting`: per-example weights of the teachers (`equal`, `confidence`,
+  `entropy`, `agreement`), from their logits and the labels.
 """
 
 from keras_feed import lazy
 
 __getattr__, __dir__, __all__ = lazy.exports(
-    __name__, ("distiller", "factor_transfer", "frozen", "losses", "trainer", "translators"))
+    __name__, ("distiller", "factor_transfer", "frozen", "losses", "trainer", "translators", "weighting"))

@@ -68,26 +68,6 @@ def per_example_feed_loss(teacher_features, student_features):
     return keras.ops.mean(keras.ops.abs(difference), axis=1)
 
 
-def ft_loss(teacher_factor, student_factor):
-    """Factor Transfer's loss: L1 between L2-normalised factors.
-
-    It is the same quantity as `feed_loss`, applied to the paraphraser's factor
-    of the teacher map and the translator's factor of the student map.
-    """
-    return feed_loss(teacher_factor, student_factor)
-
-
-def cross_entropy(labels, logits):
-    """Mean sparse categorical cross-entropy from logits, as float32."""
-    return keras.ops.mean(
-        keras.ops.sparse_categorical_crossentropy(
-            keras.ops.cast(labels, "int32"),
-            keras.ops.cast(logits, "float32"),
-            from_logits=True,
-        )
-    )
-
-
 def ensemble_soft_targets(teacher_logits, temperature):
     """Averages the teachers' softened class probabilities.
 

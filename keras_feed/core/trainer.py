@@ -57,7 +57,8 @@ def whole_batch(value):
     return value if replicas == 1 else value * float(replicas)
 
 
-def _multi_worker(strategy):
+def multi_worker(strategy):
+    """Whether the tf.distribute `strategy` spans a cluster of workers (`TF_CONFIG`)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     return resolver is not None and bool(resolver.cluster_spec().as_dict())
 
@@ -71,7 +72,7 @@ def step_logs(logs):
     returned as it is.
     """
     tf = _tensorflow()
-    if tf is None or not _multi_worker(tf.distribute.get_strategy()):
+    if tf is None or not multi_worker(tf.distribute.get_strategy()):
         return logs
     return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 

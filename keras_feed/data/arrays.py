@@ -17,46 +17,23 @@ every epoch from `(seed, epoch)`, and augmented the CIFAR way: zero-pad
 import keras
 import numpy as np
 
-from keras_feed.data import idx
+from keras_feed.data import idx_source
 
 
-def load_idx(data_dir):
+def load_idx(data_dir, name="idx"):
     """`(x_train, y_train), (x_test, y_test)` from a folder of the four IDX files.
 
-    Images come back as uint8 `(N, H, W, C)` (a channel axis is added to
-    grayscale files), labels as int32 `(N,)`.
+    The same reader and checks as the tf.data path
+    (`keras_feed.data.idx_source.load_idx_dir`): images come back as uint8
+    `(N, H, W, C)` (a channel axis is added to grayscale files), labels as
+    int32 `(N,)` in [0, classes) (10 for `name` "mnist" or "fashion_mnist").
 
     Raises:
       keras_feed.data.idx.DataError: one line naming a missing, corrupt or
         inconsistent file.
     """
-    arrays = {}
-    for role, stems in idx.IDX_FILES:
-        path = idx.find_idx_file(data_dir, stems)
-        if path is None:
-            raise idx.DataError(f"missing IDX file in {data_dir}: expected {stems[0]}[.gz]")
-        array = idx.read_idx(path)
-        if role.endswith("images"):
-            if array.dtype != np.uint8 or array.ndim not in (3, 4):
-                raise idx.DataError(
-                    f"{path}: expected uint8 images (N, H, W[, C]), found {array.dtype.name} {array.shape}"
-                )
-            array = array[..., None] if array.ndim == 3 else array
-        elif array.ndim != 1 or array.dtype.kind not in "iu":
-            raise idx.DataError(f"{path}: expected 1-D integer labels, found {array.dtype.name} {array.shape}")
-        else:
-            array = array.astype(np.int32)
-        arrays[role] = array
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if len(images) != len(labels):
-            raise idx.DataError(
-                f"IDX count mismatch in {data_dir}: {len(images)} {split} images, {len(labels)} labels"
-            )
-    return (
-        (arrays["train_images"], arrays["train_labels"]),
-        (arrays["test_images"], arrays["test_labels"]),
-    )
+    x_train, y_train, x_test, y_test, _ = idx_source.load_idx_dir(data_dir, name)
+    return (x_train, y_train), (x_test, y_test)
 
 
 def augment(images, rng, *, pad, flip):

@@ -23,6 +23,13 @@ class DataError(ValueError):
 
 
 def one_line(text, limit=300):
+    """`text` (an error's whole message) on one line, at most `limit` characters.
+
+    For quoting another library's message inside a `DataError`: every line of it
+    is kept, joined, and cut to a length a console line holds. (The run layer's
+    `keras_feed.run.files.first_line` keeps only an error's first line instead:
+    the runtimes it quotes put a summary there and pages of context after it.)
+    """
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -19,8 +19,9 @@ keras-feed.
 - `find(model)`: the preprocessing layer a model starts with, or None.
 - `add(model, mean, std)`: the same network (its layers shared, not copied)
   with the layer inserted after its input.
-- `raw_pixel_model(model, convention, ...)`: a model that takes raw pixels,
-  given what a model without its own layer expects (`CONVENTIONS`).
+- `raw_pixel_model(model, convention, ...)`: a teacher from outside keras-feed
+  as a model that takes raw pixels, given what it expects (`CONVENTIONS`,
+  `--teacher_preprocessing`).
 """
 
 from typing import Optional, Sequence
@@ -30,10 +31,11 @@ import numpy as np
 
 LAYER_NAME = "preprocessing"
 
-#: What a model that does not start with a preprocessing layer expects:
-#: "auto" (nothing said: such a model is refused), "dataset" (images
-#: normalised with the dataset's mean and std, as every keras-feed 0.1.0 file)
-#: or "none" (raw pixels in [0, 255]).
+#: What a teacher file without its own preprocessing layer expects, as
+#: `--teacher_preprocessing` says it (its choices, checks and help come from
+#: here): "auto" (nothing said: such a file is refused), "dataset" (images
+#: normalised with the dataset's mean and std: the layer is added) or "none"
+#: (raw pixels in [0, 255]: used as it is).
 CONVENTIONS = ("auto", "dataset", "none")
 
 #: The layer types that count as a model's own input preprocessing.
@@ -61,14 +63,38 @@ def normalization(mean: Sequence[float], std: Sequence[float], *, name: str = LA
     )
 
 
-def _consumers(model, tensor):
-    """The layers of `model` called on `tensor`."""
-    found = []
-    for layer in model.layers:
-        for node in getattr(layer, "_inbound_nodes", []):
-            if any(t is tensor for t in node.input_tensors):
-                found.append(layer)
-    return found
+def _sources(structure):
+    """The names of the layers whose outputs a serialised call (`inbound_nodes`) takes."""
+    if isinstance(structure, dict):
+        history = structure.get("config", {}).get("keras_history") if (
+            structure.get("class_name") == "__keras_tensor__") else None
+        if history:
+            return {history[0]}
+        return set().union(*(_sources(value) for value in structure.values()))
+    if isinstance(structure, (list, tuple)):
+        return set().union(*(_sources(value) for value in structure))
+    return set()
+
+
+def _first_layer(model):
+    """The one layer that takes `model`'s (single) input, or None.
+
+    Read from the model's config (the graph as `.keras` files store it): the
+    first layer of a Sequential model; in a functional model, the layer whose
+    calls take the input layer's output, if it is the only one.
+    """
+    if isinstance(model, keras.Sequential):
+        return model.layers[0] if model.layers else None
+    try:
+        config = model.get_config()
+    except NotImplementedError:  # a subclassed model: no graph to read
+        return None
+    if not isinstance(config, dict) or "layers" not in config or "input_layers" not in config:
+        return None
+    source = keras.tree.flatten(config["input_layers"])[0]
+    consumers = [entry["name"] for entry in config["layers"]
+                 if source in _sources(entry.get("inbound_nodes", []))]
+    return model.get_layer(consumers[0]) if len(consumers) == 1 else None
 
 
 def find(model) -> Optional[keras.layers.Layer]:
@@ -81,10 +107,7 @@ def find(model) -> Optional[keras.layers.Layer]:
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1:
         return None
-    consumers = _consumers(model, inputs[0])
-    if len(consumers) != 1:
-        return None
-    layer = consumers[0]
+    layer = _first_layer(model)
     if isinstance(layer, _PREPROCESSING_TYPES):
         return layer
     if isinstance(layer, keras.Model):
@@ -131,14 +154,14 @@ def add(model, mean, std) -> keras.Model:
 
 
 def raw_pixel_model(model, convention, *, statistics, what, flag):
-    """`model` as a model that takes raw pixels in [0, 255].
+    """A teacher from outside keras-feed as a model that takes raw pixels in [0, 255].
 
     A model that starts with its own preprocessing layer (`find`) is returned
-    as it is, whatever `convention` says. Otherwise `convention` says what it
-    expects: `"dataset"`, images normalised with the dataset's mean and std,
-    which `statistics()` gives (it is wrapped with `add`); `"none"`, raw
-    pixels (returned as it is); `"auto"`, nothing was said: `ValueError`, one
-    line naming `what` and `flag`.
+    as it is, whatever `convention` says. Otherwise `convention`
+    (`CONVENTIONS`) says what it expects: `"dataset"`, images normalised with
+    the dataset's mean and std, which `statistics()` gives (it is wrapped
+    with `add`); `"none"`, raw pixels (returned as it is); `"auto"`, nothing
+    was said: `ValueError`, one line naming `what` and `flag`.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"Unknown {flag} '{convention}'; choose from {', '.join(CONVENTIONS)}.")
@@ -147,8 +170,7 @@ def raw_pixel_model(model, convention, *, statistics, what, flag):
     if convention == "dataset":
         return add(model, *statistics())
     raise ValueError(
-        f"{what} has no preprocessing layer after its input, so what it takes is unknown "
-        f"(keras-feed 0.1.0 files expect images normalised with the dataset's mean and "
-        f"std): pass {flag}=dataset for such a file, or {flag}=none for a model that "
-        "takes raw pixels in [0, 255]."
+        f"{what} has no preprocessing layer after its input, so what it takes is unknown: "
+        f"pass {flag}=dataset for a model that expects images normalised with the dataset's "
+        f"mean and std, or {flag}=none for one that takes raw pixels in [0, 255]."
     )

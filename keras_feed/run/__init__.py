@@ -5,9 +5,10 @@
 - `runner`: `run(config)`, a whole run from settings to a student on disk.
 - `experiment`: `Experiment`, the stages every method uses.
 - `methods`: the registry of methods, one module each.
-- `checkpointing`: resumable stages (`StageCheckpoint`, `fit_resumable`) and
-  the run folder's lock and settings.
-- `storage`: atomic writes, locks, model files, exports and their checks, NTL files.
+- `checkpointing`: resumable stages (`StageCheckpoint`, `fit_resumable`).
+- `run_folder`: the `--model_dir`'s lock and its record of the run's settings.
+- `files`: atomic writes and folder locks; `storage`: model files, exports and
+  their checks, NTL files.
 - `distribute`: devices and strategies (tf.distribute, keras.distribution on JAX).
 - `interrupts`: Ctrl-C and SIGTERM taken at a step boundary.
 - `serving`: loading a trained or exported model to score it (`load_predictor`).
@@ -19,5 +20,5 @@ from keras_feed import lazy
 
 __getattr__, __dir__, __all__ = lazy.exports(__name__, (
     "analysis", "checkpointing", "config", "distribute", "experiment", "interrupts",
-    "methods", "reporting", "runner", "serving", "storage", "summary",
+    "files", "methods", "reporting", "run_folder", "runner", "serving", "storage", "summary",
 ))

@@ -25,16 +25,15 @@ from keras_feed.run import files, methods, storage
 class RunParts:
     """A trained FEED run's student, NTLs and teachers, loaded from its folder.
 
-    Every model takes raw pixels, as the data pipelines give them. Models
-    without their own preprocessing layer are those of a keras-feed 0.1.0 run
-    (a student, or teachers trained by the run or read with
-    `--teacher_preprocessing=dataset`), which expect images normalised with
-    the dataset's mean and std: `statistics()` gives them, and they are added
-    as the models' first layer. Teacher files the run read with
-    `--teacher_preprocessing=none` are used as they are.
+    Every model takes raw pixels, as the data pipelines give them: the student
+    and the teachers the run trained normalise them in their own first layer,
+    and teacher files are taken as the run took them. Those it read with
+    `--teacher_preprocessing=dataset` get the normalisation its `metrics.json`
+    records (`input`'s mean and std) as their first layer, unless they have
+    their own; any other model is used as it is.
     """
 
-    def __init__(self, run_dir, *, statistics=None, unsafe=False):
+    def __init__(self, run_dir, *, unsafe=False):
         metrics_path = os.path.join(run_dir, "metrics.json")
         if not os.path.isfile(metrics_path):
             raise ValueError(f"No metrics.json in {run_dir}: not a finished keras-feed run.")
@@ -56,28 +55,25 @@ class RunParts:
                 f"{len(teacher_paths)} teachers."
             )
         config = metrics.get("config", {})
-        teacher_convention = config.get("teacher_preprocessing", "dataset")
-        if statistics is None:
-            def statistics():
-                raise ValueError(
-                    f"Run {run_dir} holds models without a preprocessing layer (keras-feed "
-                    "0.1.0): the dataset's mean and std are needed to analyse it."
-                )
+        recorded = metrics.get("input", {})
 
-        def load(path, convention, what):
+        def load_teacher(path):
+            teacher = storage.load_model(path, unsafe=unsafe)
+            if config.get("teacher_preprocessing") != "dataset":
+                return teacher
             return preprocessing.raw_pixel_model(
-                storage.load_model(path, unsafe=unsafe), convention, statistics=statistics,
-                what=f"{what} of run {run_dir}", flag="--teacher_preprocessing",
+                teacher, "dataset", statistics=lambda: (recorded["mean"], recorded["std"]),
+                what=f"Teacher file {path} of run {run_dir}", flag="--teacher_preprocessing",
             )
 
         student_path = os.path.join(run_dir, "student.keras")
         self.student = frozen.extractor(
-            load(student_path, "dataset", f"The student {student_path}"),
+            storage.load_model(student_path, unsafe=unsafe),
             config.get("student_layer", "features"), role="Student", name="student",
         )
         self.teachers = [
             frozen.extractor(
-                load(path, teacher_convention, f"Teacher file {path}"),
+                load_teacher(path),
                 config.get("teacher_layer", "features"),
                 role=f"Teacher {index}",
                 name=f"teacher_{index}",

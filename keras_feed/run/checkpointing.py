@@ -30,25 +30,23 @@ or crash-safe.
 """
 
 import contextlib
-import dataclasses
-import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_feed.run import files, interrupts
 
 STATE_FILE = "state.npz"
-RUN_RECORD = "run.json"
-LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
-FORMAT = 2  # 2: the metrics' variables after the trainer's and optimizer's ("core")
+#: 2: the metrics' variables after the trainer's and optimizer's ("core");
+#: 3: the core's layout (`variable_layout`), checked before a restore.
+FORMAT = 3
 
 class NonFiniteLossError(ValueError):
     """Training produced a non-finite loss (or weights); the run was stopped."""
@@ -64,6 +62,8 @@ def enable_determinism(seed):
     With it, two runs with the same settings on the same machine and software
     produce bitwise equal weights, interrupted or not.
     """
+    import tensorflow as tf  # noqa: PLC0415 (the input pipelines' ops, on either backend)
+
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -76,136 +76,6 @@ def checkpoint_folder(model_dir, stage):
 def remove_checkpoints(model_dir):
     """Deletes every stage checkpoint of a finished run."""
     shutil.rmtree(os.path.join(model_dir, CHECKPOINTS), ignore_errors=True)
-
-
-# -- the model directory ------------------------------------------------------
-
-
-def comparable_settings(config):
-    """The config as JSON values, without the settings a resumption may change.
-
-    Those are the fields marked `resumable` (`keras_feed.run.config.setting`): they
-    change neither what is trained nor how, only where and how it is reported
-    (a pre-empted job may come back on other hardware, e.g. a TPU of a new name).
-    """
-    values = json.loads(json.dumps(dataclasses.asdict(config)))
-    resumable = resumable_settings(config)
-    return {k: v for k, v in values.items() if k not in resumable}
-
-
-def resumable_settings(config):
-    """The names of the settings of `config` (a dataclass or its class) that a rerun
-    may change and still resume its run: the fields marked `resumable`."""
-    return {field.name for field in dataclasses.fields(config)
-            if field.metadata.get("resumable")}
-
-
-def setting_differences(recorded, config):
-    """`["--name: <recorded> there, <now> now", ...]` for every setting that differs.
-
-    Settings missing from `recorded` (an older version) count as their default.
-    """
-    defaults = comparable_settings(type(config)())
-    differences = []
-    for name, value in comparable_settings(config).items():
-        before = recorded.get(name, defaults.get(name))
-        if before != value:
-            differences.append(f"--{name}: {before!r} there, {value!r} now")
-    return differences
-
-
-class RunDirectory:
-    """The `--model_dir` of a run, held for the duration of a `with` block.
-
-    On entry it compares the settings recorded there (`run.json`, or the
-    `config` of a finished run's `metrics.json`) with `config`:
-
-    - the settings differ: `ValueError`, one line naming them (a run is never
-      silently continued with other settings), and nothing is written;
-    - the run there is finished with the same settings: `finished` holds its
-      metrics, nothing should be trained, and nothing is written;
-    - otherwise it creates the folder and takes its lock (one writer at a
-      time, released on exit or when the process dies); `resuming` says
-      whether an earlier attempt left work there; what killed writers left
-      half-written is removed and `run.json` written.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.path = config.model_dir
-        self.finished = None
-        self.resuming = False
-        self._lock = None
-
-    def __enter__(self):
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(f"--model_dir {self.path} exists and is not a folder.")
-        if self._check_record():  # read-only: a finished run is left untouched
-            return self
-        os.makedirs(self.path, exist_ok=True)
-        self._take_lock()
-        try:
-            if not self._check_record():  # again: another process may have finished it
-                self.resuming = os.path.isfile(os.path.join(self.path, RUN_RECORD))
-                files.remove_partial_files(self.path)
-                files.write_json(
-                    os.path.join(self.path, RUN_RECORD),
-                    {"format": FORMAT, "config": comparable_settings(self.config)},
-                )
-        except BaseException:
-            self._release_lock()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self._release_lock()
-
-    def _take_lock(self):
-        handle = open(os.path.join(self.path, LOCK_FILE), "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ValueError(
-                f"Another process is writing to --model_dir {self.path}; wait for it "
-                "to finish or choose another --model_dir."
-            ) from None
-        self._lock = handle
-
-    def _release_lock(self):
-        if self._lock is not None:
-            self._lock.close()  # closing the file releases the flock
-            self._lock = None
-
-    def _read_json(self, name):
-        path = os.path.join(self.path, name)
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"Cannot read {path} ({files.first_line(error)}); remove it or "
-                "choose another --model_dir."
-            ) from None
-
-    def _check_record(self):
-        """Raises if the recorded settings differ; returns whether the run is finished."""
-        metrics = self._read_json("metrics.json")
-        recorded = (self._read_json(RUN_RECORD) or {}).get("config")
-        if recorded is None and metrics is not None:
-            recorded = metrics.get("config")
-        if recorded is not None:
-            differences = setting_differences(recorded, self.config)
-            if differences:
-                raise ValueError(
-                    f"--model_dir {self.path} holds a run with other settings "
-                    f"({'; '.join(differences)}); rerun with its settings to resume "
-                    "it, or choose another --model_dir."
-                )
-        self.finished = metrics
-        return metrics is not None
 
 
 # -- stage checkpoints --------------------------------------------------------
@@ -271,13 +141,39 @@ def interruption_message():
             f"run the same command again to resume from {since}")
 
 
+def read_state(path, *, values=False):
+    """`(metadata, arrays)` of the stage checkpoint file `path` (arrays: with `values`).
+
+    The one reader of the format `StageCheckpoint.save` writes; a missing or
+    damaged file raises whatever NumPy or JSON raise.
+    """
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(bytes(archive["meta"]).decode("utf-8"))
+        arrays = [archive[f"v{index}"] for index in range(meta["count"])] if values else None
+    return meta, arrays
+
+
 def _step_on_disk(path):
     """The step of the checkpoint at `path` that a rerun resumes from, or None."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return int(json.loads(bytes(archive["meta"]).decode("utf-8"))["step"])
+        return int(read_state(path)[0]["step"])
     except Exception:  # pylint: disable=broad-except  (missing or damaged: none)
         return None
+
+
+def variable_layout(variables):
+    """What restoring by position relies on, one line a variable: its name (without
+    Keras' numbering of layers, `dense_3` -> `dense`), shape and dtype.
+
+    A checkpoint restores into the variables it was saved from only if the
+    layouts agree: a variable moved, added or swapped (BatchNorm's four of one
+    shape) is refused rather than restored into the wrong place.
+    """
+    return [
+        f"{re.sub(r'_[0-9]+(?=_|$)', '', variable.name)} {tuple(variable.shape)} "
+        f"{keras.backend.standardize_dtype(variable.dtype)}"
+        for variable in variables
+    ]
 
 
 class StageCheckpoint(keras.callbacks.Callback):
@@ -359,9 +255,7 @@ class StageCheckpoint(keras.callbacks.Callback):
         if not os.path.isfile(self.path):
             return 0
         try:
-            with np.load(self.path, allow_pickle=False) as archive:
-                meta = json.loads(bytes(archive["meta"]).decode("utf-8"))
-                values = [archive[f"v{index}"] for index in range(meta["count"])]
+            meta, values = read_state(self.path, values=True)
         except Exception as error:  # a damaged file fails in many ways
             raise CheckpointError(
                 f"Cannot read checkpoint {self.path} ({files.first_line(error)}); "
@@ -395,6 +289,10 @@ class StageCheckpoint(keras.callbacks.Callback):
             )
         if meta["core"] != len(self._variables):
             return f"{meta['core']} variables saved, the trainer has {len(self._variables)}"
+        layout = variable_layout(self._variables)
+        for index, (saved, now) in enumerate(zip(meta["layout"], layout)):
+            if saved != now:
+                return f"variable {index} was saved as '{saved}', the trainer's is '{now}'"
         for variable, value in zip(self._variables, values):
             if tuple(value.shape) != tuple(variable.shape):
                 return (
@@ -423,6 +321,7 @@ class StageCheckpoint(keras.callbacks.Callback):
             "epochs": self.epochs,
             "count": len(values),
             "core": len(self._variables),
+            "layout": variable_layout(self._variables),
             "history": self.history,
             "wall_s": self.wall_s + time.time() - self._session_start,
         }
@@ -587,8 +486,7 @@ def finished_stages(model_dir):
     for stage in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         path = os.path.join(folder, stage, STATE_FILE)
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                meta = json.loads(bytes(archive["meta"]).decode("utf-8"))
+            meta = read_state(path)[0]
         except Exception:  # absent or unreadable: nothing to report
             continue
         if meta.get("step", 0) >= meta.get("steps_per_epoch", 0) * meta.get("epochs", 0):

@@ -96,7 +96,7 @@ def setting(default, help, *, choices=None, resumable=False, item=None,  # pylin
       choices: the allowed values: a tuple, or a function returning them (a
         registry's `names`), read when the flags are defined.
       resumable: whether a rerun may change it and still resume the run
-        (`keras_feed.run.checkpointing.comparable_settings`): where and how it
+        (`keras_feed.run.run_folder.comparable_settings`): where and how it
         runs, not what it trains.
       item: for tuple settings, the type of their comma-separated items.
       bounds: for numbers, the range of their values (`Bounds` text, e.g.
@@ -150,9 +150,10 @@ class TrainConfig:
     teacher_preprocessing: str = setting(
         "auto",
         "What a teacher file (--teachers, or one reused from --teacher_dir) without its own "
-        "preprocessing layer after its input expects: auto refuses such a file; dataset: "
-        "images normalised with the dataset's mean and std (every keras-feed 0.1.0 file; the "
-        "layer is added); none: raw pixels in [0, 255]. A file with the layer is used as it is.",
+        "preprocessing layer after its input expects, e.g. a model trained outside keras-feed: "
+        "auto: nothing said, such a file is refused; dataset: images normalised with the "
+        "dataset's mean and std (the layer is added); none: raw pixels in [0, 255]. A file "
+        "with the layer is used as it is.",
         choices=_preprocessing_conventions)
     num_teachers: int = setting(2, "Teachers to train when --teachers is empty.", bounds=">= 1")
     teacher_dir: str | None = setting(

@@ -1,7 +1,7 @@
 """keras-feed's devices: strategies by name, sharded input, chief-only outputs.
 
     strategy = distribute.make_strategy("mirrored")
-    experiment.run(config, strategy=strategy)   # or keras-feed-train --strategy=mirrored
+    runner.run(config, strategy=strategy)   # or keras-feed-train --strategy=mirrored
 
 `--strategy` names where a run trains, on either backend:
 
@@ -48,6 +48,8 @@ import os
 
 import keras
 import numpy as np
+
+from keras_feed.core import trainer
 
 #: Names accepted by `make_strategy` (and `--strategy`).
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -312,10 +314,6 @@ def train_dataset(strategy, data, batch_size, **train_args):
     return strategy.distribute_datasets_from_function(worker_dataset)
 
 
-def _multi_worker(strategy):
-    return _task(strategy) is not None
-
-
 def evaluation_batch_size(strategy, batch_size):
     """The batch size `evaluate` takes under `strategy`: `batch_size`, except on
     JAX's devices, rounded down to a multiple of them (at least one each), so
@@ -334,7 +332,7 @@ def evaluation_dataset(strategy, dataset):
     worker runs the same number of steps, and the logged means are unchanged
     by the replicas' summed totals and counts.
     """
-    if not _multi_worker(strategy):
+    if not trainer.multi_worker(strategy):
         return dataset
     import tensorflow as tf  # noqa: PLC0415
 
@@ -353,7 +351,7 @@ def predict(strategy, model, dataset):
     """
     if _splits_batches(strategy):
         return _padded_predict(model, dataset, strategy.num_replicas_in_sync)
-    if not _multi_worker(strategy):
+    if not trainer.multi_worker(strategy):
         return model.predict(dataset, verbose=0)
     import tensorflow as tf  # noqa: PLC0415
 

@@ -122,7 +122,7 @@ class Experiment:
         """The teacher read from `path`, taking raw pixels as the data gives them.
 
         A file that starts with its own preprocessing layer is used as it is;
-        one without (every keras-feed 0.1.0 file) is taken as
+        one without (a model trained outside keras-feed) is taken as
         `config.teacher_preprocessing` says, or refused.
         """
         return preprocessing.raw_pixel_model(
@@ -357,16 +357,12 @@ class Experiment:
             self._labels[split] = np.concatenate([labels.numpy() for labels in batches])
         return self._labels[split]
 
-    def test_labels(self):
-        """The test split's labels, in the order `predict_probabilities` uses."""
-        return self.labels("test")
-
     def accuracy_of(self, model_or_probabilities, k=1):
         """Top-k test accuracy of a model, or of its predicted test probabilities."""
         probabilities = model_or_probabilities
         if isinstance(probabilities, keras.Model):
             probabilities = self.predict_probabilities(probabilities)
-        return top_k_accuracy(probabilities, self.test_labels(), k)
+        return top_k_accuracy(probabilities, self.labels("test"), k)
 
     def all_probabilities(self, model):
         """`{split: probabilities}` of `model` on each of `splits()`."""
@@ -398,7 +394,7 @@ class Experiment:
                 **self.scores(self.all_probabilities(student)),
                 "parameters": int(student.count_params()),
             },
-            "num_test": int(self.test_labels().shape[0]),
+            "num_test": int(self.labels("test").shape[0]),
         }
         if self.data.num_validation:
             results["num_validation"] = int(self.data.num_validation)

@@ -21,6 +21,17 @@ import tempfile
 
 import numpy as np
 
+#: The formats `keras_feed.run.storage.export_model` writes (Keras' `model.export`
+#: names) and what each is: the choices and help of keras-feed-export's `--format`.
+#: Defined here, where no Keras is imported, so that `--help` loads none.
+EXPORT_FORMATS = {
+    "tf_saved_model": "a TensorFlow SavedModel folder",
+    "litert": "a LiteRT (TensorFlow Lite) .tflite file",
+    "onnx": "an ONNX .onnx file (needs the tf2onnx and onnx packages)",
+}
+#: The file name ending of each export format written as one file.
+EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
+
 #: In the name of every temporary file or folder a writer here creates.
 PARTIAL_MARK = ".partial-"
 #: The file in a folder whose `flock` is the folder's lock (see `folder_lock`).
@@ -256,13 +267,14 @@ def remove_partial_files(folder):
 
 
 @contextlib.contextmanager
-def folder_lock(folder, *, on_wait=None):
+def folder_lock(folder, *, on_wait=None, wait=True):
     """Holds the exclusive lock of `folder` (created if missing) in the `with` block.
 
-    One process at a time holds it; another one calls `on_wait()` (e.g. to say
-    that it waits) and blocks until the holder leaves its block or dies: the
-    lock is an `fcntl.flock` on `<folder>/.lock`, which the system releases
-    with the process. Ctrl-C or SIGTERM still stop a process that waits.
+    One process at a time holds it: the lock is an `fcntl.flock` on
+    `<folder>/.lock`, which the system releases with the process. Another
+    process calls `on_wait()` (e.g. to say that it waits) and blocks until the
+    holder leaves its block or dies; with `wait=False` it raises `FolderLocked`
+    at once instead. Ctrl-C or SIGTERM still stop a process that waits.
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
@@ -271,12 +283,18 @@ def folder_lock(folder, *, on_wait=None):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise FolderLocked(folder) from None
             if on_wait is not None:
                 on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield folder
     finally:
         handle.close()  # closing the file releases the lock
+
+
+class FolderLocked(BlockingIOError):
+    """`folder_lock(..., wait=False)` found the folder locked by another process."""
 
 
 def write_json(path, data, *, replaceable=None):
@@ -295,7 +313,12 @@ def save_arrays(path, arrays):
 
 
 def first_line(error):
-    """The first non-empty line of an exception's message."""
+    """The first non-empty line of an exception's message.
+
+    For quoting a runtime's error (TensorFlow, h5py, NumPy's file readers) in one
+    line: they summarise on the first line and add pages of context after it.
+    (`keras_feed.data.idx.one_line` instead joins every line of a short message.)
+    """
     for line in str(error).splitlines():
         if line.strip():
             return line.strip()

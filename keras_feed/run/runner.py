@@ -31,7 +31,7 @@ import keras
 from keras_feed import data as data_lib
 from keras_feed.core import frozen
 from keras_feed.core import translators as translators_lib
-from keras_feed.run import checkpointing, distribute, methods
+from keras_feed.run import checkpointing, distribute, methods, run_folder
 from keras_feed.run import config as config_lib
 from keras_feed.run.experiment import Experiment
 from keras_feed.run.reporting import say
@@ -148,7 +148,7 @@ def _run(config, method, strategy):
         lines = describe_plan(experiment)
         print("Plan (dry run, nothing trained or written):\n  " + "\n  ".join(lines))
         return {"plan": lines}
-    with checkpointing.RunDirectory(config) as model_dir:
+    with run_folder.RunDirectory(config) as model_dir:
         if model_dir.finished is not None:
             say("%s holds this run, complete (metrics.json): nothing to train.", config.model_dir)
             return model_dir.finished

@@ -5,6 +5,11 @@
 it) and gives a `Predictor`: raw pixels in, the model's outputs (logits or
 probabilities) out. `evaluate(predictor, dataset)` scores it. `keras-feed-eval`
 is these two on a dataset split.
+
+Every model is fed raw pixels, as the data pipelines give them: a model
+keras-feed writes normalises them in its own first layer, and any other model
+is used as it is (one that expects normalised images needs that layer:
+`keras_feed.models.preprocessing.add`).
 """
 
 import contextlib
@@ -17,17 +22,17 @@ PROBABILITY_TOLERANCE = 1e-3
 class Predictor:
     """A loaded model: `predictor(images)` gives its outputs for raw pixels.
 
-    `images` are float32 pixels in [0, 255], `(N, H, W, C)`; the outputs are
-    a float32 numpy array `(N, classes)`. `head` is `"logits"`,
+    `images` are float32 pixels in [0, 255], `(N, H, W, C)`, given to the
+    model as they are (rounded to uint8 for an export that takes uint8); the
+    outputs are a float32 numpy array `(N, classes)`. `head` is `"logits"`,
     `"probabilities"`, or None until the first outputs of an export tell.
     """
 
-    def __init__(self, run, *, input_dtype, model_format, head=None, normalise=None):
+    def __init__(self, run, *, input_dtype, model_format, head=None):
         self._run = run
         self.input_dtype = input_dtype
         self.format = model_format
         self.head = head
-        self._normalise = normalise
 
     def __call__(self, images):
         import numpy as np
@@ -35,8 +40,6 @@ class Predictor:
         images = np.asarray(images, np.float32)
         if self.input_dtype == "uint8":
             images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
-        elif self._normalise is not None:
-            images = self._normalise(images)
         outputs = np.asarray(self._run(images), np.float32)
         if self.head is None:
             sums = outputs.sum(axis=1)
@@ -134,36 +137,28 @@ def _loading(path, what):
             f"Cannot load {path} as a {what}: {files.first_line(error)}") from None
 
 
-def load_predictor(path, *, unsafe=False, preprocessing="auto", statistics=None):
+def load_predictor(path, *, unsafe=False):
     """A `Predictor` for a `.keras` file, a SavedModel folder, a `.tflite` or an `.onnx` file.
+
+    The model is fed raw pixels: float32 for a `.keras` model and for an
+    export that takes float32, uint8 for one that takes uint8 (every export
+    keras-feed writes).
 
     Args:
       path: the model.
       unsafe: allow `.keras` files that carry code.
-      preprocessing: what a model without keras-feed's normalisation inside
-        expects (`keras_feed.models.preprocessing.CONVENTIONS`): a `.keras`
-        model without its own preprocessing layer, or an export that takes
-        float32 inputs rather than uint8 images.
-      statistics: `() -> (mean, std)` of the dataset, for `"dataset"`.
 
     Raises:
       ValueError: one line naming the problem; `storage.ModelFileError` for a
         missing, truncated or foreign model file, checked before a native
         runtime reads it (a damaged `.tflite` would crash the LiteRT runtime).
     """
-    import numpy as np
-
-    from keras_feed.models import preprocessing as preprocessing_lib
-
     path = os.fspath(path)
     if path.endswith(".keras") and not os.path.isdir(path):
         from keras_feed.core import frozen
         from keras_feed.run import storage
 
-        model = preprocessing_lib.raw_pixel_model(
-            storage.load_model(path, unsafe=unsafe), preprocessing, statistics=statistics,
-            what=f"Model {path}", flag="--preprocessing",
-        )
+        model = storage.load_model(path, unsafe=unsafe)
         head = "probabilities" if frozen.head_kind(model) == "softmax" else "logits"
         return Predictor(lambda images: model(images, training=False), input_dtype="float32",
                          model_format="keras", head=head)
@@ -177,23 +172,8 @@ def load_predictor(path, *, unsafe=False, preprocessing="auto", statistics=None)
         raise ValueError(f"Model not found: {path}")
     else:
         raise ValueError(f"Not a model keras-feed-eval reads (.keras, SavedModel folder, .tflite, .onnx): {path}")
-    normalise = None
-    if dtype != "uint8":
-        if preprocessing not in preprocessing_lib.CONVENTIONS:
-            raise ValueError(f"Unknown --preprocessing '{preprocessing}'; choose from "
-                             f"{', '.join(preprocessing_lib.CONVENTIONS)}.")
-        if preprocessing == "auto":
-            raise ValueError(
-                f"{path} takes {dtype} inputs, not uint8 images, so it may lack keras-feed's "
-                "normalisation (keras-feed 0.1.0 exports expect images normalised with the "
-                "dataset's mean and std): pass --preprocessing=dataset for such an export, or "
-                "--preprocessing=none for one that takes raw pixels in [0, 255]."
-            )
-        if preprocessing == "dataset":
-            mean, std = (np.asarray(value, np.float32) for value in statistics())
-            normalise = lambda images: ((images / 255.0 - mean) / std).astype(np.float32)  # noqa: E731
-        dtype = "float32"
-    return Predictor(run, input_dtype=dtype, model_format=model_format, normalise=normalise)
+    return Predictor(run, input_dtype="uint8" if dtype == "uint8" else "float32",
+                     model_format=model_format)
 
 
 def evaluate(predict, dataset):

@@ -19,6 +19,7 @@ import keras
 
 from keras_feed.core import translators as translators_lib
 from keras_feed.run import files
+from keras_feed.run.files import EXPORT_FORMATS, EXPORT_SUFFIXES
 from keras_feed.run.files import first_line
 
 
@@ -38,13 +39,6 @@ def save_weights(layer_or_model, path):
         layer_or_model.save_weights(temporary)
 
 
-#: `export_model` formats: Keras' `model.export` names, and what each writes.
-EXPORT_FORMATS = {
-    "tf_saved_model": "a TensorFlow SavedModel folder",
-    "litert": "a LiteRT (TensorFlow Lite) .tflite file",
-    "onnx": "an ONNX .onnx file (needs the tf2onnx and onnx packages)",
-}
-_EXPORT_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx"}
 
 
 def serving_signature(model):
@@ -116,7 +110,7 @@ def check_export_path(path, export_format="tf_saved_model", *, overwrite=False):
         raise ValueError(
             f"Unknown export format '{export_format}'; choose from {', '.join(EXPORT_FORMATS)}."
         )
-    suffix = _EXPORT_SUFFIXES.get(export_format)
+    suffix = EXPORT_SUFFIXES.get(export_format)
     if suffix and not path.endswith(suffix):
         raise ValueError(f"The {export_format} export is a file ending in {suffix}; got {path}.")
     if export_format == "onnx":

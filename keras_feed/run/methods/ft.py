@@ -2,7 +2,7 @@
 
 The paraphraser and its trainer are `keras_feed.core.factor_transfer`; the student's
 terms are the distiller's feature terms with the frozen encoder on the
-teacher's map (`teacher_transforms`) and `ft_loss`.
+teacher's map (`teacher_transforms`), logged as `ft_loss_<n>`.
 """
 
 import dataclasses
