@@ -31,7 +31,7 @@ ROOT = os.path.dirname(TESTS)
 # TensorFlow-side plumbing (tf.data equivalence, the import check).
 JAX_TESTS = [
     "test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py",
-    "test_precision.py", "test_weighting.py",
+    "test_precision.py", "test_weighting.py", "test_logged_terms.py", "test_weighted_distiller.py",
 ]
 NOT_ON_JAX = (
     "not applications and not nested_backbone and not py_dataset_and_tf_data"

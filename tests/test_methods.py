@@ -56,6 +56,19 @@ def test_kd(tmp_path, teacher_dir):
     assert not os.path.exists(tmp_path / "translators.weights.h5")
 
 
+def test_pfeed_with_confidence_weighting_logs_each_teacher_s_weight(tmp_path, teacher_dir):
+    metrics = train("pfeed", tmp_path, teacher_dir, teacher_weighting="confidence",
+                    kd_weight=0.5)
+    history = metrics["stages"]["student"]["history"]
+    logged = metrics["stages"]["student"]["last_epoch"]
+    assert metrics["config"]["teacher_weighting"] == "confidence"
+    assert len(history["teacher_weight_0"]) == TINY["epochs"]
+    # Each example's weights sum to the number of teachers, and so do their means.
+    assert logged["teacher_weight_0"] + logged["teacher_weight_1"] == pytest.approx(2.0, abs=1e-5)
+    assert 0.0 <= logged["teacher_weight_0"] <= 2.0
+    assert (tmp_path / "logs" / "student").is_dir()
+
+
 def test_ft(tmp_path, teacher_dir):
     metrics = train("ft", tmp_path, teacher_dir, ft_rate=0.5)
     assert {"paraphraser_0", "paraphraser_1", "student"} <= set(metrics["stages"])
@@ -214,6 +227,9 @@ def test_optimizer_schedule_starts_at_the_given_peak(schedule):
         ("ft", dict(paraphraser_learning_rate=0.0), "--paraphraser_learning_rate must be > 0"),
         ("pfeed", dict(kd_weight=1.5), "--kd_weight must lie in [0, 1]"),
         ("kd", dict(kd_weight=0.0), "--method=kd needs --kd_weight"),
+        ("ce", dict(teacher_weighting="confidence"),
+         "--teacher_weighting=confidence weighs teachers, and --method=ce has none"),
+        ("pfeed", dict(teacher_weighting="nope"), "Unknown --teacher_weighting 'nope'"),
     ],
 )
 def test_bad_method_settings_fail_before_writing(tmp_path, method, settings, message):

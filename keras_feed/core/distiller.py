@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_feed.core import frozen, losses, trainer
+from keras_feed.core import frozen, losses, trainer, weighting
 from keras_feed.core import translators as translators_lib
 
 
@@ -103,6 +103,15 @@ class FEEDDistiller(trainer.Trainer):
         optimizer (Keras' optimizer `weight_decay` is decoupled, another rule).
       feature_term: the name under which each feature term is logged
         (`feed_loss_0`, ...).
+      teacher_weighting: how the teachers are weighted for each example
+        (`keras_feed.core.weighting`: `equal`, `confidence`, `entropy`,
+        `agreement`, or a function of the same signature): weights whose rows
+        sum to the number of teachers K, computed from the frozen teachers'
+        logits (and the labels) outside the gradient. Each example's distance
+        to teacher n is multiplied by its weight before the batch mean, and the
+        KD targets are sum_n (w_n / K) softmax(t_n / T). `equal` (all ones) is
+        the unweighted loss exactly; others log each teacher's mean weight as
+        `teacher_weight_<n>`.
 
     Raises:
       ValueError: one line naming the model, the layer and the shapes, for a
@@ -127,6 +136,7 @@ class FEEDDistiller(trainer.Trainer):
         translator_channels=None,
         weight_decay=0.0,
         feature_term="feed_loss",
+        teacher_weighting="equal",
         name="feed_distiller",
         **kwargs,
     ):
@@ -154,6 +164,9 @@ class FEEDDistiller(trainer.Trainer):
         self.temperature = float(temperature)
         self.weight_decay = float(weight_decay)
         self.feature_term = feature_term
+        self.teacher_weighting = weighting.get(teacher_weighting)  # one-line error if unknown
+        # `equal` is all ones: today's loss exactly, with no weights computed.
+        self.weighted = bool(teachers) and self.teacher_weighting is not weighting.equal
 
         self.student = student
         self.student_head = frozen.head_kind(student, role="Student")
@@ -182,10 +195,11 @@ class FEEDDistiller(trainer.Trainer):
             teacher.trainable = False
             _check_teacher_input(frozen.functional(teacher, role=role), student, role)
             head = frozen.head_kind(teacher, role=role)
-            if self.kd_weight > 0 and head not in ("logits", "softmax"):
+            if (self.kd_weight > 0 or self.weighted) and head not in ("logits", "softmax"):
                 raise ValueError(
-                    f"{role} ('{teacher.name}') ends in a '{head}' activation: KD needs "
-                    "class logits (a last layer without activation, or with softmax)."
+                    f"{role} ('{teacher.name}') ends in a '{head}' activation: KD and "
+                    "teacher weighting need class logits (a last layer without "
+                    "activation, or with softmax)."
                 )
             teacher_pass = frozen.extractor(teacher, layer_name, role=role)
             teacher_classes = teacher_pass.outputs[1].shape[-1]
@@ -200,9 +214,10 @@ class FEEDDistiller(trainer.Trainer):
                 target_shape = tuple(
                     transform.compute_output_shape((None,) + target_shape)[1:]
                 )
-            # Inference twin: only the outputs the loss uses (logits for KD),
-            # with BatchNormalization folded into the convolutions.
-            used = teacher_pass.outputs[1:] if self.kd_weight > 0 else teacher_pass.outputs[2:]
+            # Inference twin: only the outputs the loss uses (logits for KD or
+            # the weighting), with BatchNormalization folded into the convolutions.
+            needs_logits = self.kd_weight > 0 or self.weighted
+            used = teacher_pass.outputs[1:] if needs_logits else teacher_pass.outputs[2:]
             teacher_graphs.append(
                 frozen.inference_model(
                     keras.Model(teacher_pass.inputs[0], used, name=f"teacher_{index}_inference")
@@ -237,6 +252,10 @@ class FEEDDistiller(trainer.Trainer):
             for index in range(len(self.translators))
         ]
         self.kd_tracker = keras.metrics.Mean(name="kd_loss") if self.kd_weight > 0 else None
+        self.weight_trackers = [
+            keras.metrics.Mean(name=f"teacher_weight_{index}")
+            for index in range(len(teachers) if self.weighted else 0)
+        ]
         self.decay_tracker = (
             keras.metrics.Mean(name="weight_decay_loss") if self.weight_decay > 0 else None
         )
@@ -306,7 +325,7 @@ class FEEDDistiller(trainer.Trainer):
 
         Returns:
           `(teacher_logits, teacher_targets)`: lists with one entry per teacher;
-          `teacher_logits` is empty when no term uses them (`kd_weight == 0`).
+          `teacher_logits` is empty when nothing uses them (no KD, no weighting).
         """
         logits_list, targets = [], []
         state = self._frozen.value
@@ -318,14 +337,34 @@ class FEEDDistiller(trainer.Trainer):
             targets.append(ops.stop_gradient(features))
         return logits_list, targets
 
-    def distillation_terms(self, logits, student_features, teacher_logits, teacher_targets, training):
-        """The FEED (or FT) and KD terms of one batch, float32 scalars keyed by name."""
+    def teacher_weights(self, teacher_logits, labels, student_logits):
+        """`(batch, K)` weights of the teachers for each example (rows sum to K), outside
+        the gradient, from `teacher_weighting`; None for `equal` (all ones)."""
+        if not self.weighted:
+            return None
+        return weighting.weights(
+            self.teacher_weighting, teacher_logits, labels=labels,
+            student_logits=student_logits, temperature=self.temperature,
+        )
+
+    def distillation_terms(self, logits, student_features, teacher_logits, teacher_targets,
+                           training, weights=None):
+        """The FEED (or FT) and KD terms of one batch, float32 scalars keyed by name.
+
+        With `weights` (`teacher_weights`), each example's distance to teacher n
+        is multiplied by its weight before the batch mean, and the KD targets are
+        the weighted mean of the teachers' soft targets.
+        """
         terms = {}
         for index, (translator, target) in enumerate(zip(self.translators, teacher_targets)):
             translated = translator(student_features, training=training)
-            terms[f"{self.feature_term}_{index}"] = losses.feed_loss(target, translated)
+            if weights is None:
+                terms[f"{self.feature_term}_{index}"] = losses.feed_loss(target, translated)
+            else:
+                terms[f"{self.feature_term}_{index}"] = ops.mean(
+                    weights[:, index] * losses.per_example_feed_loss(target, translated))
         if self.kd_weight > 0:
-            soft_targets = losses.ensemble_soft_targets(teacher_logits, self.temperature)
+            soft_targets = losses.ensemble_soft_targets(teacher_logits, self.temperature, weights)
             terms["kd_loss"] = losses.kd_loss(soft_targets, logits, self.temperature)
         return terms
 
@@ -343,21 +382,25 @@ class FEEDDistiller(trainer.Trainer):
             x=x, y=y, y_pred=y_pred["predictions"], sample_weight=sample_weight
         )
         teacher_logits, teacher_targets = self.teacher_outputs(x)
+        weights = self.teacher_weights(teacher_logits, y, y_pred["logits"])
         terms = self.distillation_terms(
-            y_pred["logits"], y_pred["features"], teacher_logits, teacher_targets, training
+            y_pred["logits"], y_pred["features"], teacher_logits, teacher_targets, training,
+            weights,
         )
-        weights = {name: self.beta for name in terms if name != "kd_loss"}
-        weights["kd_loss"] = self.kd_weight
+        factors = {name: self.beta for name in terms if name != "kd_loss"}
+        factors["kd_loss"] = self.kd_weight
         if self.decay_tracker is not None:
             terms["weight_decay_loss"] = self.weight_decay_loss()
-            weights["weight_decay_loss"] = 1.0
-        extra = sum((weights[name] * value for name, value in terms.items()), ops.zeros((), "float32"))
+            factors["weight_decay_loss"] = 1.0
+        extra = sum((factors[name] * value for name, value in terms.items()), ops.zeros((), "float32"))
         total = (1.0 - self.kd_weight) * ops.cast(student_loss, "float32") + trainer.replica_share(extra)
 
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         terms["student_loss"] = trainer.whole_batch(ops.cast(student_loss, "float32"))
         for tracker in self._term_trackers():
             tracker.update_state(terms[tracker.name], sample_weight=batch_size)
+        for index, tracker in enumerate(self.weight_trackers):
+            tracker.update_state(ops.mean(weights[:, index]), sample_weight=batch_size)
         return total
 
     def _term_trackers(self):

@@ -68,20 +68,28 @@ def per_example_feed_loss(teacher_features, student_features):
     return keras.ops.mean(keras.ops.abs(difference), axis=1)
 
 
-def ensemble_soft_targets(teacher_logits, temperature):
-    """Averages the teachers' softened class probabilities.
+def ensemble_soft_targets(teacher_logits, temperature, weights=None):
+    """Averages the teachers' softened class probabilities, per example weighted.
 
     Args:
       teacher_logits: a list of `(batch, classes)` logits, one per teacher.
       temperature: the softmax temperature T > 0.
+      weights: optional `(batch, K)` teacher weights whose rows sum to K
+        (`keras_feed.core.weighting`); None: all ones.
 
     Returns:
-      float32 `(batch, classes)` probabilities: mean_n softmax(z_n / T).
+      float32 `(batch, classes)` probabilities: sum_n (w_n / K) softmax(z_n / T),
+      with w_n = 1 mean_n softmax(z_n / T).
     """
     probabilities = [
         keras.ops.softmax(keras.ops.cast(logits, "float32") / temperature, axis=-1)
         for logits in teacher_logits
     ]
+    if weights is not None:
+        probabilities = [
+            probability * weights[:, index:index + 1]
+            for index, probability in enumerate(probabilities)
+        ]
     return functools.reduce(operator.add, probabilities) / float(len(probabilities))
 
 

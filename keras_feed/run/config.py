@@ -115,6 +115,12 @@ def _strategy_names():
     return distribute.STRATEGIES
 
 
+def _weighting_names():
+    from keras_feed.core import weighting
+
+    return tuple(weighting.WEIGHTINGS)
+
+
 def _method_names():
     from keras_feed.run import methods
 
@@ -197,6 +203,13 @@ class TrainConfig:
     kd_weight: float = setting(
         0.0, "Weight of Hinton KD; cross-entropy gets 1 - kd_weight.", bounds="[0, 1]")
     temperature: float = setting(4.0, "KD temperature.", bounds="> 0")
+    teacher_weighting: str = setting(
+        "equal", "How the teachers are weighted for each example, from their logits and the "
+        "label (weights summing to the number of teachers): equal (the paper's loss), "
+        "confidence (CA-MKD: by each teacher's cross-entropy on the label), entropy (EBKD: by "
+        "the entropy of its prediction), agreement (AE-KD: one set per batch from the "
+        "teachers' KD gradients). Logged as teacher_weight_<n>.",
+        choices=_weighting_names)
     seed: int = setting(
         0, "Seed of the student's initialisation, data order and augmentation.",
         bounds=">= 0")
@@ -384,6 +397,16 @@ def check_config(config, method):
     for path in config.teachers:
         if not os.path.isfile(path):
             raise ValueError(f"Teacher file not found: {path}")
+    if config.teacher_weighting not in _weighting_names():
+        raise ValueError(
+            f"Unknown --teacher_weighting '{config.teacher_weighting}'; choose from "
+            f"{', '.join(_weighting_names())}."
+        )
+    if config.teacher_weighting != "equal" and not method.uses_teachers:
+        raise ValueError(
+            f"--teacher_weighting={config.teacher_weighting} weighs teachers, and "
+            f"--method={config.method} has none."
+        )
     method.check(config)
 
 

@@ -235,6 +235,7 @@ class Experiment:
             teacher_layers=self.config.teacher_layer,
             translator_batchnorm=self.config.translator_batchnorm,
             weight_decay=self.config.weight_decay,
+            teacher_weighting=self.config.teacher_weighting,
         )
         settings.update(overrides)
         with self.strategy.scope():

@@ -82,6 +82,8 @@ def describe_plan(experiment):
         f"{config.batch_size}, SGD lr {config.learning_rate} ({schedule}), momentum "
         f"{config.momentum}, weight decay {config.weight_decay}, beta {config.beta}"
         + (f", kd_weight {config.kd_weight}, T {config.temperature}" if config.kd_weight else "")
+        + (f", teachers weighted per example: {config.teacher_weighting}"
+           if config.teacher_weighting != "equal" else "")
     )
     lines.append(distribute.describe_devices(experiment.strategy, config.strategy, config.batch_size))
     lines.append(f"outputs: {config.model_dir}")
