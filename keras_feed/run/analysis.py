@@ -71,10 +71,13 @@ class RunParts:
             storage.load_model(student_path, unsafe=unsafe),
             config.get("student_layer", "features"), role="Student", name="student",
         )
+        layers = config.get("teacher_layer", "features")  # one for all, or one per teacher
+        if isinstance(layers, str):
+            layers = [layers] * len(teacher_paths)
         self.teachers = [
             frozen.extractor(
                 load_teacher(path),
-                config.get("teacher_layer", "features"),
+                layers[index],
                 role=f"Teacher {index}",
                 name=f"teacher_{index}",
             )

@@ -87,7 +87,7 @@ class Bounds:
 
 
 def setting(default, help, *, choices=None, resumable=False, item=None,  # pylint: disable=redefined-builtin
-            bounds=None):
+            bounds=None, per_teacher=False):
     """A `TrainConfig` field with what its flag needs.
 
     Args:
@@ -103,9 +103,12 @@ def setting(default, help, *, choices=None, resumable=False, item=None,  # pylin
         `"(0, 1]"`; each item's, for tuple settings); `check_config` refuses
         a value outside it, and the flag's help shows it. None (the default
         of an optional number) is always allowed.
+      per_teacher: one value for every teacher, or a tuple of one per teacher
+        (`item` each); its flag is a string of comma-separated values.
     """
     metadata = {"help": help, "choices": choices, "resumable": resumable, "item": item,
-                "bounds": Bounds(bounds) if bounds is not None else None}
+                "bounds": Bounds(bounds) if bounds is not None else None,
+                "per_teacher": per_teacher}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -149,7 +152,10 @@ class TrainConfig:
     image_size: int | None = setting(None, "Image size for imagenet2012 and folder datasets.",
                                      bounds=">= 8")
     model: str = setting("resnet56", "Student architecture (a keras_feed.models name).")
-    teacher_model: str | None = setting(None, "Teacher architecture; default: the student's.")
+    teacher_model: str | tuple | None = setting(
+        None, "Teacher architecture: one for every teacher, or one per teacher "
+        "(comma-separated, --num_teachers of them); default: the student's.",
+        item=str, per_teacher=True)
     teachers: tuple = setting(
         (), "Comma-separated .keras files of trained teachers; empty: train --num_teachers of "
         "them.", item=str)
@@ -166,10 +172,15 @@ class TrainConfig:
         None, "Where trained teachers are kept and reused; default: <model_dir>/teachers.")
     teacher_seed: int = setting(100, "Teacher i is trained with seed teacher_seed + i.",
                                 bounds=">= 0")
-    teacher_epochs: int | None = setting(None, "Epochs for each teacher; default: --epochs.",
-                                         bounds=">= 1")
+    teacher_epochs: int | tuple | None = setting(
+        None, "Epochs of each teacher: one for every teacher, or one per teacher "
+        "(comma-separated, --num_teachers of them); default: --epochs.",
+        item=int, bounds=">= 1", per_teacher=True)
     student_layer: str = setting("features", "Name of the student's feature-map layer.")
-    teacher_layer: str = setting("features", "Name of the teachers' feature-map layer.")
+    teacher_layer: str | tuple = setting(
+        "features", "Name of the teachers' feature-map layer: one for every teacher, or one "
+        "per teacher (comma-separated, one per --teachers file, or --num_teachers of them).",
+        item=str, per_teacher=True)
     translator_batchnorm: bool = setting(False, "BatchNorm inside the NTLs.")
 
     # Data.
@@ -272,13 +283,46 @@ class TrainConfig:
         None, "Keras fit verbosity (0, 1: bar, 2: a line an epoch); default: bar on a "
         "terminal.", resumable=True, bounds="{0, 1, 2}")
 
+    def __post_init__(self):
+        # A per-teacher setting given as a list is a tuple; a tuple of one, the value itself.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get("per_teacher") and isinstance(value, (list, tuple)):
+                value = tuple(value)
+                setattr(self, field.name, value[0] if len(value) == 1 else value)
+
     @property
     def teacher_architecture(self):
+        """The trained teachers' architecture: a name, or a tuple of one per teacher."""
         return self.teacher_model or self.model
+
+    def teacher_architectures(self, count=None):
+        """The architecture of each of `count` teachers (default `--num_teachers`)."""
+        return per_teacher(self.teacher_architecture, count or self.num_teachers)
+
+    def teacher_epochs_each(self, count=None):
+        """The epochs of each of `count` teachers (default `--num_teachers`)."""
+        return per_teacher(self.teacher_epochs or self.epochs, count or self.num_teachers)
+
+    def teacher_layers(self, count):
+        """The feature-map layer of each of `count` teachers."""
+        return per_teacher(self.teacher_layer, count)
+
+    @property
+    def teacher_layer_count(self):
+        """The teachers `--teacher_layer` names: one per teacher file, or trained one."""
+        return len(self.teachers) or self.num_teachers
 
     @property
     def teacher_folder(self):
         return self.teacher_dir or os.path.join(self.model_dir, "teachers")
+
+
+def per_teacher(value, count):
+    """`value` (one for all, or a tuple of one per teacher) as a tuple of `count` values."""
+    if isinstance(value, tuple):
+        return value
+    return (value,) * count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +360,8 @@ def flag_specs(names=None):
             kind = "enum"
         elif base is bool:
             kind = "bool"
+        elif meta["per_teacher"]:  # one value, or comma-separated ones (`from_values`)
+            kind = "string"
         elif base is int:
             kind = "integer"
         elif base is float:
@@ -341,12 +387,22 @@ def flag_help(field):
 
 
 def from_values(values):
-    """A `TrainConfig` from flag values (`{name: value}`, lists for tuple settings)."""
+    """A `TrainConfig` from flag values (`{name: value}`, lists for tuple settings).
+
+    A per-teacher setting (`setting(per_teacher=True)`) takes one value, a
+    comma-separated string of them, or a list: one value is the value itself
+    (the same for every teacher), several a tuple (one per teacher).
+    """
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     settings = {}
     for name, value in values.items():
         item = fields[name].metadata["item"]
         if item is not None and value is not None:
+            if fields[name].metadata["per_teacher"]:
+                if isinstance(value, str):
+                    value = [entry.strip() for entry in value.split(",")] if value.strip() else []
+                elif not isinstance(value, (list, tuple)):
+                    value = [value]
             try:
                 value = tuple(item(entry) for entry in value)
             except ValueError:
@@ -354,6 +410,8 @@ def from_values(values):
                     f"--{name} must be a comma-separated list of {item.__name__} values, got "
                     f"{','.join(str(entry) for entry in value)}."
                 ) from None
+            if fields[name].metadata["per_teacher"] and not value:  # empty: the default
+                value = fields[name].default
         settings[name] = value
     return TrainConfig(**settings)
 
@@ -397,6 +455,7 @@ def check_config(config, method):
     for path in config.teachers:
         if not os.path.isfile(path):
             raise ValueError(f"Teacher file not found: {path}")
+    check_per_teacher(config)
     if config.teacher_weighting not in _weighting_names():
         raise ValueError(
             f"Unknown --teacher_weighting '{config.teacher_weighting}'; choose from "
@@ -408,6 +467,24 @@ def check_config(config, method):
             f"--method={config.method} has none."
         )
     method.check(config)
+
+
+def check_per_teacher(config):
+    """Raises `ValueError` (one line) unless each per-teacher list has one entry per teacher.
+
+    `--teacher_model` and `--teacher_epochs` take `--num_teachers` entries;
+    `--teacher_layer`, one per `--teachers` file, else `--num_teachers`.
+    """
+    counts = {"teacher_model": (config.num_teachers, "--num_teachers"),
+              "teacher_epochs": (config.num_teachers, "--num_teachers"),
+              "teacher_layer": (config.teacher_layer_count,
+                                "--teachers files" if config.teachers else "--num_teachers")}
+    for name, (count, source) in counts.items():
+        value = getattr(config, name)
+        if isinstance(value, tuple) and len(value) != count:
+            raise ValueError(
+                f"--{name} gives {len(value)} values ({','.join(str(v) for v in value)}); "
+                f"give one for all teachers or one per teacher ({count}, from {source}).")
 
 
 def check_bounds(field, value):

@@ -8,6 +8,7 @@ the runner (`keras_feed.run.runner.run`) makes it.
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 
@@ -30,6 +31,17 @@ from keras_feed.run import (
 )
 from keras_feed.run import config as config_lib
 from keras_feed.run.reporting import say
+
+#: The settings a trained teacher is made of, besides its architecture and epochs:
+#: recorded beside its file (`teacher_<i>.json`) and compared when it is reused.
+TEACHER_RECORD_SETTINGS = (
+    "dataset", "image_size", "train_examples", "subset_seed", "validation_examples",
+    "batch_size", "learning_rate", "lr_schedule", "lr_decay_epochs", "lr_decay_factor",
+    "momentum", "nesterov", "weight_decay",
+)
+#: The flags of a teacher record's entries that are not named as their flag.
+TEACHER_RECORD_FLAGS = {"architecture": "teacher_model", "epochs": "teacher_epochs",
+                        "seed": "teacher_seed"}
 
 
 class Experiment:
@@ -72,6 +84,7 @@ class Experiment:
         self.history = {}
         self.baseline_metrics = None
         self._labels = {}  # split -> labels, in prediction order
+        self._noted = set()  # teacher files without a record, noted once
         self._check_models()
 
     # -- validation before anything is written ------------------------------
@@ -86,23 +99,34 @@ class Experiment:
                 return
             paths = self.config.teachers
             teachers = [storage.load_model(path, unsafe=self.config.unsafe_load) for path in paths]
-            if not teachers:
-                architecture = self.method.plan(self.config).teacher_architecture
-                teachers = [
-                    student  # same architecture: its shapes are the teacher's
-                    if architecture == self.config.model
-                    else self.build_model(architecture, seed=0)
-                ]
-            for teacher in teachers:
-                self._check_teacher(teacher, student)
+            if not teachers:  # one model per teacher; each architecture built once
+                plan = self.method.plan(self.config)
+                built = {self.config.model: student}  # its shapes are the teacher's
+                for architecture in config_lib.per_teacher(plan.teacher_architecture,
+                                                           plan.teacher_count):
+                    if architecture not in built:
+                        built[architecture] = self.build_model(architecture, seed=0)
+                    teachers.append(built[architecture])
+            layers = self.config.teacher_layers(len(teachers))
+            for teacher, layer in zip(teachers, layers):
+                self._check_teacher(teacher, student, layer)
             if paths:  # after the shapes: how the files take their inputs
                 teachers = [self._raw_pixel_teacher(t, path) for t, path in zip(teachers, paths)]
+            else:
+                self._check_teacher_records()
             self.checked_models["teachers"] = teachers
 
-    def _check_teacher(self, teacher, student):
+    def _check_teacher_records(self):
+        """Refuses a teacher file of `teacher_folder` trained otherwise than this run asks."""
+        if getattr(self.method, "uses_teacher_folder", True):  # sfeed trains its own
+            for index in range(self.config.num_teachers):
+                self.check_teacher_record(index)
+
+    def _check_teacher(self, teacher, student, layer=None):
         student_shape = frozen.feature_shape(student, self.config.student_layer, role="Student")
         extractor = frozen.extractor(
-            teacher, self.config.teacher_layer, role="Teacher", name="check"
+            teacher, self.config.teacher_layer if layer is None else layer, role="Teacher",
+            name="check"
         )
         classes = extractor.outputs[1].shape[-1]
         if classes != self.num_classes:
@@ -179,18 +203,60 @@ class Experiment:
         with lock:
             if not paths:
                 for index in range(self.config.num_teachers):
-                    path = os.path.join(folder, f"teacher_{index}.keras")
+                    path = self.check_teacher_record(index)
+                    record = self.teacher_record(index)
                     self.train_with_ce(
                         path,
-                        self.config.teacher_architecture,
-                        seed=self.config.teacher_seed + index,
+                        record["architecture"],
+                        seed=record["seed"],
                         stage=f"teacher_{index}",
-                        epochs=self.config.teacher_epochs or self.config.epochs,
+                        epochs=record["epochs"],
                         what=f"teacher {index + 1}/{self.config.num_teachers}",
+                        record=record,
                     )
                     paths.append(path)
             with self.strategy.scope():
                 return [self._load_teacher(path) for path in paths], paths
+
+    def teacher_record(self, index):
+        """What teacher `index` of the run is trained with: written as `teacher_<i>.json`."""
+        config = self.config
+        record = {
+            "architecture": config.teacher_architectures()[index],
+            "epochs": config.teacher_epochs_each()[index],
+            "seed": config.teacher_seed + index,
+            **{name: getattr(config, name) for name in TEACHER_RECORD_SETTINGS},
+        }
+        return json.loads(json.dumps(record))  # as it reads back: lists, not tuples
+
+    def check_teacher_record(self, index):
+        """The path of teacher `index` in `teacher_folder`, after checking a file there.
+
+        A file there is reused only if the record beside it (`teacher_<i>.json`)
+        gives the settings this run would train it with; one without a record
+        (written by an earlier version) is reused as it is, with a note.
+        """
+        path = os.path.join(self.config.teacher_folder, f"teacher_{index}.keras")
+        if not os.path.isfile(path):
+            return path
+        record_path = os.path.splitext(path)[0] + ".json"
+        if not os.path.isfile(record_path):
+            if path not in self._noted:  # once: checked before the run, and when it reuses it
+                self._noted.add(path)
+                say("Note: %s has no record of how it was trained (no %s: an earlier "
+                    "version's); reusing it as it is", path, os.path.basename(record_path))
+            return path
+        with open(record_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        wanted = self.teacher_record(index)
+        differing = [
+            f"{name} (--{TEACHER_RECORD_FLAGS.get(name, name)}) {recorded.get(name)!r} there, "
+            f"{value!r} now" for name, value in wanted.items() if recorded.get(name) != value]
+        if differing:
+            raise ValueError(
+                f"Teacher file {path} was trained with other settings: {'; '.join(differing)}; "
+                "use another --teacher_dir, or remove the file to train it again.")
+        return path
 
     def load_frozen(self, path):
         """A trained model from `path`, frozen, inside the strategy's scope."""
@@ -212,15 +278,21 @@ class Experiment:
         self.baseline_metrics = {"model": self.config.model, "path": os.path.abspath(path),
                                  **self.scores(probabilities)}
 
-    def train_with_ce(self, path, architecture, *, seed, stage, epochs, what):
-        """Trains a fresh `architecture` with cross-entropy into `path`, unless it exists."""
+    def train_with_ce(self, path, architecture, *, seed, stage, epochs, what, record=None):
+        """Trains a fresh `architecture` with cross-entropy into `path`, unless it exists.
+
+        `record`, when given, is written beside the file (`.json` for `.keras`) first.
+        """
         if os.path.isfile(path):
             say("Reusing %s from %s", what, path)
             return
-        say("Training %s (%s, seed %d) -> %s", what, architecture, seed, path)
+        say("Training %s (%s, %d epochs, seed %d) -> %s", what, architecture, epochs, seed,
+            path)
         with self.strategy.scope():
             model = self.build_model(architecture, seed=seed)
         self.fit(model, [], stage=stage, seed=seed, epochs=epochs, kd_weight=0.0)
+        if record is not None:  # before the model: a file is never there without its record
+            files.write_json(os.path.splitext(path)[0] + ".json", record)
         storage.save_model(model, path)
 
     # -- training --------------------------------------------------------------
@@ -232,7 +304,9 @@ class Experiment:
             kd_weight=self.config.kd_weight,
             temperature=self.config.temperature,
             student_layer=self.config.student_layer,
-            teacher_layers=self.config.teacher_layer,
+            teacher_layers=(list(self.config.teacher_layer)
+                            if isinstance(self.config.teacher_layer, tuple)
+                            else self.config.teacher_layer),
             translator_batchnorm=self.config.translator_batchnorm,
             weight_decay=self.config.weight_decay,
             teacher_weighting=self.config.teacher_weighting,

@@ -15,7 +15,8 @@ its teachers and their ensemble, and writes the outputs into `config.model_dir`:
                               the input the student takes (`input`: normalisation...)
     summary.png               the accuracy table as a chart
     baseline.keras            with --baseline: the plain CE student
-    teachers/teacher_<i>.keras  teachers trained by the run (reused if present)
+    teachers/teacher_<i>.keras  teachers trained by the run, and teacher_<i>.json the
+                              settings each was trained with (reused if they match)
     generations/gen_<g>.keras   sfeed: every born-again generation
     paraphrasers/             ft: each teacher's trained paraphraser
     logs/<stage>/             TensorBoard logs of every training stage
@@ -58,21 +59,36 @@ def describe_plan(experiment):
     plan = experiment.method.plan(config)
     if teachers:
         count = plan.teacher_count
-        teacher = teachers[0]
-        teacher_shape = frozen.feature_shape(teacher, config.teacher_layer, role="Teacher")
-        origin = (
-            f"{len(config.teachers)} from files (--teacher_preprocessing={config.teacher_preprocessing})"
-            if config.teachers
-            else f"{count} x {plan.teacher_architecture} trained with CE"
-        )
-        lines.append(
-            f"teachers: {origin}; {teacher.name}: {teacher.count_params():,} parameters, "
-            f"features {teacher_shape}"
-        )
-        channels = plan.translator_channels and plan.translator_channels(teacher_shape[-1])
-        if channels:
-            ntl = translators_lib.translator_for(student_shape, teacher_shape, out_channels=channels)
-            lines.append(f"NTLs: {count} x {ntl.count_params():,} parameters (dropped after training)")
+        layers = config.teacher_layers(len(teachers))
+        shapes = [frozen.feature_shape(teacher, layer, role="Teacher")
+                  for teacher, layer in zip(teachers, layers)]
+        if config.teachers:
+            lines.append(f"teachers: {len(config.teachers)} from files "
+                         f"(--teacher_preprocessing={config.teacher_preprocessing})")
+            origins = [f"{path}, {teacher.name}" for path, teacher in zip(config.teachers, teachers)]
+        else:
+            architectures = config_lib.per_teacher(plan.teacher_architecture, count)
+            epochs = (config.teacher_epochs_each(count)
+                      if getattr(experiment.method, "uses_teacher_folder", True)
+                      else (config.epochs,) * count)
+            lines.append(f"teachers: {count} trained with CE")
+            origins = [f"{architecture}, {each} epochs"
+                       for architecture, each in zip(architectures, epochs)]
+        for index, (teacher, origin, shape, layer) in enumerate(
+                zip(teachers, origins, shapes, layers)):
+            lines.append(f"  teacher {index + 1}: {origin}: {teacher.count_params():,} "
+                         f"parameters, features {shape} (layer {layer})")
+        ntl_counts = []
+        for shape in shapes:
+            channels = plan.translator_channels and plan.translator_channels(shape[-1])
+            if channels:
+                ntl = translators_lib.translator_for(student_shape, shape, out_channels=channels)
+                ntl_counts.append(ntl.count_params())
+        if ntl_counts and len(set(ntl_counts)) == 1:
+            lines.append(f"NTLs: {count} x {ntl_counts[0]:,} parameters (dropped after training)")
+        elif ntl_counts:
+            lines.append(f"NTLs: {' + '.join(f'{n:,}' for n in ntl_counts)} parameters "
+                         "(dropped after training)")
     lines += plan.notes
     schedule = config.lr_schedule
     if schedule == "step":

@@ -78,10 +78,11 @@ def train_paraphraser(experiment, teacher, index):
     it is returned frozen.
     """
     config = experiment.config
+    layer = config.teacher_layers(config.teacher_layer_count)[index]
     path = os.path.join(config.model_dir, "paraphrasers", f"paraphraser_{index}.weights.h5")
     with experiment.strategy.scope():
         paraphraser = factor_transfer.new_paraphraser(
-            teacher, teacher_layer=config.teacher_layer, rate=config.ft_rate,
+            teacher, teacher_layer=layer, rate=config.ft_rate,
             batchnorm=config.translator_batchnorm, name=f"paraphraser_{index}",
         )
     if os.path.isfile(path):
@@ -92,7 +93,7 @@ def train_paraphraser(experiment, teacher, index):
             config.paraphraser_epochs, config.paraphraser_learning_rate)
         with experiment.strategy.scope():
             trainer = factor_transfer.ParaphraserTrainer(
-                teacher, paraphraser, teacher_layer=config.teacher_layer,
+                teacher, paraphraser, teacher_layer=layer,
                 weight_decay=config.weight_decay,
             )
         experiment.fit_model(trainer, stage=f"paraphraser_{index}",

@@ -19,6 +19,7 @@ class SequentialFEED(Method):
     """
 
     name = "sfeed"
+    uses_teacher_folder = False  # generation 0 is its teacher, never --teacher_dir's
 
     def plan(self, config):
         # Born-again: every generation has the student's architecture.
@@ -32,6 +33,9 @@ class SequentialFEED(Method):
         super().check(config)
         if config.generations < 1:
             raise ValueError(f"--generations must be >= 1, got {config.generations}.")
+        if isinstance(config.teacher_layer, tuple):
+            raise ValueError("--method=sfeed distils from one network at a time; give one "
+                             "--teacher_layer.")
         if len(config.teachers) > 1:
             raise ValueError(
                 f"--method=sfeed starts from one network; --teachers names {len(config.teachers)}."
