@@ -71,9 +71,8 @@ class RunParts:
             storage.load_model(student_path, unsafe=unsafe),
             config.get("student_layer", "features"), role="Student", name="student",
         )
-        layers = config.get("teacher_layer", "features")  # one for all, or one per teacher
-        if isinstance(layers, str):
-            layers = [layers] * len(teacher_paths)
+        layers = config_lib.per_teacher(  # one for all, or one per teacher
+            config_lib.from_record(config).teacher_layer, len(teacher_paths))
         self.teachers = [
             frozen.extractor(
                 load_teacher(path),
