@@ -219,7 +219,7 @@ def git_revision():
     """The checkout's commit ("+dirty" when keras_feed/ has local edits) and a hash of
     the keras_feed sources this process imported (the checkout is edited meanwhile)."""
     import keras_feed
-    from keras_feed import experiment, methods  # noqa: F401  (imported before hashing)
+    from keras_feed.run import experiment, methods, runner  # noqa: F401  (imported before hashing)
 
     package = os.path.dirname(keras_feed.__file__)
     sources = hashlib.sha256()

@@ -76,3 +76,11 @@ def test_report_names_missing_runs(tmp_path, study_module):
     assert "- pfeed_3 − ce: needs n ≥ 2 on both sides (have n=1 and n=5)" in report
     assert "- not run yet: " + ", ".join(left_out) in report
     assert "resume (or finish)" in report
+
+
+def test_the_study_names_the_code_it_runs(study_module):
+    """The study imports the run layer before hashing it: a moved module fails here, not
+    hours into a background study."""
+    revision = study_module.git_revision()
+    assert set(revision) == {"commit", "keras_feed_sha256"}
+    assert len(revision["keras_feed_sha256"]) == 16
