@@ -13,6 +13,9 @@ The public API:
 - `FEEDDistiller`: a `keras.Model` that trains a student from frozen teachers
   through parallel non-linear transformation layers (NTLs); `Translator`: the NTL.
 - `kf.losses`: `feed_loss`, `kd_loss`, `ensemble_soft_targets`.
+- `kf.terms`: the distillation terms as objects (`FeatureTerm`, `KDTerm`, and
+  `Term`, the base class of your own); `kf.weighting`: per-example teacher
+  weights (`equal`, `confidence`, `entropy`, `agreement`).
 - `kf.models.build(name, input_shape=..., num_classes=..., mean=..., std=...)`:
   the model zoo; with the dataset's mean and std a model normalises its raw
   pixel input itself (`kf.models.preprocessing`).
@@ -40,6 +43,8 @@ __getattr__, __dir__, _PUBLIC = lazy.exports(
         "FEEDDistiller": ("keras_feed.core.distiller", "FEEDDistiller"),
         "Translator": ("keras_feed.core.translators", "Translator"),
         "losses": ("keras_feed.core", "losses"),
+        "terms": ("keras_feed.core", "terms"),
+        "weighting": ("keras_feed.core", "weighting"),
         "TrainConfig": ("keras_feed.run.config", "TrainConfig"),
         "train": ("keras_feed.run.runner", "run"),
         "fit_resumable": ("keras_feed.run.checkpointing", "fit_resumable"),

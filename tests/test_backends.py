@@ -32,6 +32,7 @@ ROOT = os.path.dirname(TESTS)
 JAX_TESTS = [
     "test_losses.py", "test_teacher_inference.py", "test_distiller.py", "test_keras_contract.py",
     "test_precision.py", "test_weighting.py", "test_logged_terms.py", "test_weighted_distiller.py",
+    "test_terms.py",
 ]
 NOT_ON_JAX = (
     "not applications and not nested_backbone and not py_dataset_and_tf_data"
@@ -74,14 +75,37 @@ def test_core_tests_pass_on_jax():
 CLASSES = 4
 
 
-def step_distiller():
+#: `(teacher weighting, KD form, dtype policy)` of each comparison, and the relative
+#: tolerance of its logs. Under mixed_bfloat16 the backends sum the bfloat16 gradients
+#: of the biases differently (measured: a pre-BatchNorm bias moved 3.9e-6 on TensorFlow
+#: and 1.6e-2 on JAX, NTL biases up to 60 % apart; kernels within 1.3 %), so the
+#: updates and the logs after them are compared in float32 only; in bfloat16, the
+#: logs of the two training steps (the weights, the terms and the loss they give,
+#: measured within 3e-4) and the teacher weights of every step.
+STEP_SETTINGS = {
+    ("equal", "ensemble", "float32"): 1e-4,
+    ("confidence", "per_teacher", "float32"): 1e-4,
+    ("agreement", "ensemble", "float32"): 1e-4,
+    ("entropy", "ensemble", "mixed_bfloat16"): 1e-3,
+}
+
+
+def step_distiller(weighting="equal", kd_form="ensemble", policy="float32"):
     """Student, two teachers (BatchNorm statistics far from their initial values),
-    FEED, KD and weight decay: every term of the loss."""
-    student = tiny_net("student", classes=CLASSES)
-    teachers = [tiny_net(f"teacher_{i}", width=12 + 4 * i, classes=CLASSES, seed=10 + i) for i in range(2)]
-    for index, teacher in enumerate(teachers):
-        randomise_batchnorm(teacher, index)
-    distiller = FEEDDistiller(student, teachers, beta=10.0, kd_weight=0.3, temperature=4.0, weight_decay=5e-4)
+    FEED, KD and weight decay: every term of the loss, the teachers weighted by
+    `weighting`, under the dtype `policy`."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        student = tiny_net("student", classes=CLASSES)
+        teachers = [tiny_net(f"teacher_{i}", width=12 + 4 * i, classes=CLASSES, seed=10 + i)
+                    for i in range(2)]
+        for index, teacher in enumerate(teachers):
+            randomise_batchnorm(teacher, index)
+        distiller = FEEDDistiller(student, teachers, beta=10.0, kd_weight=0.3, temperature=4.0,
+                                  weight_decay=5e-4, teacher_weighting=weighting,
+                                  kd_form=kd_form)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
     return distiller
 
@@ -100,9 +124,11 @@ def take_steps(distiller, folder):
     return logs, distiller.get_weights()
 
 
-def test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax(tmp_path):
+@pytest.mark.parametrize("settings", sorted(STEP_SETTINGS), ids="-".join)
+def test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax(tmp_path, settings):
     skip_unless_tensorflow_with_jax()
-    distiller = step_distiller()
+    tolerance = STEP_SETTINGS[settings]
+    distiller = step_distiller(*settings)
     rng = np.random.default_rng(0)
     start = {
         "images": rng.normal(size=(16, 16, 16, 3)).astype("float32"),
@@ -114,7 +140,7 @@ def test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax(tmp_path):
     np.savez(tmp_path / "start.npz", **start)
 
     result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(tmp_path)],
+        [sys.executable, os.path.abspath(__file__), str(tmp_path), *settings],
         cwd=ROOT, env=jax_environment(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -122,22 +148,28 @@ def test_a_feed_step_gives_the_same_numbers_on_tensorflow_and_jax(tmp_path):
     jax_logs = json.loads((tmp_path / "jax_logs.json").read_text())
     jax_weights = np.load(tmp_path / "jax_weights.npz")
 
+    exact = settings[2] == "float32"
     for step, (ours, theirs) in enumerate(zip(tensorflow_logs, jax_logs)):
         assert set(ours) == set(theirs)
         for name in ours:
-            assert theirs[name] == pytest.approx(ours[name], rel=1e-4, abs=1e-7), (step, name)
+            if not (exact or step < 2 or name.startswith("teacher_weight_")):
+                continue
+            assert theirs[name] == pytest.approx(ours[name], rel=tolerance, abs=1e-7), (step, name)
     assert {"feed_loss_0", "feed_loss_1", "kd_loss", "weight_decay_loss"} <= set(jax_logs[0])
+    if settings[0] != "equal":
+        assert {"teacher_weight_0", "teacher_weight_1"} <= set(jax_logs[0])
     # The updates, not the weights (which they barely move), to the same tolerance.
-    for index, ours in enumerate(tensorflow_weights):
+    for index, ours in enumerate(tensorflow_weights if exact else ()):
         before = start[f"distiller_{index}"]
         np.testing.assert_allclose(
-            jax_weights[f"w{index}"] - before, ours - before, rtol=1e-4, atol=1e-6, err_msg=str(index)
+            jax_weights[f"w{index}"] - before, ours - before, rtol=tolerance, atol=1e-6,
+            err_msg=str(index)
         )
 
 
 if __name__ == "__main__":  # one side of the comparison, on the backend it runs on
     folder = sys.argv[1]
-    logs, weights = take_steps(step_distiller(), folder)
+    logs, weights = take_steps(step_distiller(*sys.argv[2:]), folder)
     with open(os.path.join(folder, "jax_logs.json"), "w") as handle:
         json.dump(logs, handle)
     np.savez(os.path.join(folder, "jax_weights.npz"), **{f"w{i}": w for i, w in enumerate(weights)})

@@ -20,10 +20,10 @@ LAYERS = [
     {"lazy"},
     # The backend-neutral core, the data and the model zoo: they know nothing of runs.
     {"data", "models", "core.losses", "core.weighting"},
-    {"core.frozen", "core.translators", "core.trainer"},
+    {"core.frozen", "core.translators", "core.trainer", "core.terms"},
     {"core.distiller", "core.factor_transfer"},
     # A run: files and devices, then checkpoints and methods, then settings, stages, runner.
-    {"run.interrupts", "run.reporting", "run.files", "run.distribute"},
+    {"run.interrupts", "run.reporting", "run.files", "run.distribute", "run.settings"},
     {"run.storage", "run.summary"},
     {"run.checkpointing", "run.run_folder", "run.serving"},
     {"run.methods"},

@@ -8,6 +8,7 @@
   frozen teachers through its NTLs.
 - `factor_transfer`: `ParaphraserTrainer`, Factor Transfer's first stage.
 - `trainer`: what Keras' trainers lack for FEED, per backend (`Trainer`).
+- `terms`: the distillation terms as objects (`FeatureTerm`, `KDTerm`, `Term`).
 - `weighting`: per-example weights of the teachers (`equal`, `confidence`,
   `entropy`, `agreement`), from their logits and the labels.
 """
@@ -15,4 +16,5 @@
 from keras_feed import lazy
 
 __getattr__, __dir__, __all__ = lazy.exports(
-    __name__, ("distiller", "factor_transfer", "frozen", "losses", "trainer", "translators", "weighting"))
+    __name__, ("distiller", "factor_transfer", "frozen", "losses", "terms", "trainer",
+                 "translators", "weighting"))

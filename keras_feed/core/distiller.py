@@ -1,12 +1,13 @@
 """The FEED distiller: a `keras.Model` that trains a student from frozen teachers."""
 
-import math
-
 import keras
 from keras import ops
 
-from keras_feed.core import frozen, losses, trainer, weighting
-from keras_feed.core import translators as translators_lib
+from keras_feed.core import frozen, terms as terms_lib, trainer, weighting
+
+# The keyword arguments that stand for the default terms (`terms.default_terms`).
+_TERM_SETTINGS = ("beta", "kd_weight", "kd_form", "translator_batchnorm", "teacher_transforms",
+                  "translator_channels", "feature_term")
 
 
 def _as_list(value, count, what):
@@ -39,6 +40,84 @@ def _check_teacher_input(teacher, student, role):
         )
 
 
+def validate(student, teachers=(), *, terms=None, student_layer="features",
+             teacher_layers="features", teacher_weighting="equal", temperature=4.0,
+             weight_decay=0.0, **term_settings):
+    """Checks a student, its teachers and the terms against each other, building nothing.
+
+    The one check of keras-feed's models: `FEEDDistiller` runs it first, and a
+    training run runs it before it writes anything. Takes `FEEDDistiller`'s
+    arguments.
+
+    Returns:
+      `(models, terms, passes)`: the `terms.Models` description, the terms
+      (the given ones, or those the keyword arguments stand for) and the
+      extractors `(student_pass, teacher_passes)` (`frozen.extractor`).
+
+    Raises:
+      ValueError: one line naming the model, the layer and the shapes (see
+        `FEEDDistiller`).
+    """
+    teachers = list(teachers)
+    unknown = set(term_settings) - set(_TERM_SETTINGS)
+    if unknown:
+        raise TypeError(f"Unexpected arguments: {', '.join(sorted(unknown))}.")
+    if terms is None:
+        terms = terms_lib.default_terms(teachers=teachers, temperature=temperature,
+                                        **term_settings)
+    else:
+        if term_settings:
+            raise ValueError(
+                f"Pass either terms= or the arguments that stand for the default terms "
+                f"({', '.join(sorted(term_settings))}), not both."
+            )
+        terms = list(terms)
+        for term in terms:
+            if not isinstance(term, terms_lib.Term):
+                raise TypeError(f"terms: {term!r} is not a keras_feed.core.terms.Term.")
+        if teachers and not terms:
+            raise ValueError(f"{len(teachers)} teacher(s) given but terms=[] uses none.")
+    share = sum(term.weight for term in terms if term.takes_from_student_loss)
+    if share > 1.0:
+        raise ValueError(
+            f"The terms take {share:g} of the student's loss (KD weights): at most 1.")
+    terms_lib.check_weight(weight_decay, "weight_decay")
+    chosen = weighting.get(teacher_weighting)  # one-line error if unknown
+    weighted = bool(teachers) and chosen is not weighting.equal
+
+    student_head = frozen.head_kind(student, role="Student")
+    student_pass = frozen.extractor(student, student_layer, role="Student")
+    num_classes = student_pass.outputs[1].shape[-1]
+    layers = _as_list(teacher_layers, len(teachers), "teacher_layers")
+    teacher_passes, heads = [], []
+    for index, (teacher, layer_name) in enumerate(zip(teachers, layers)):
+        role = f"Teacher {index}"
+        teacher.trainable = False
+        _check_teacher_input(frozen.functional(teacher, role=role), student, role)
+        heads.append(frozen.head_kind(teacher, role=role))
+        if weighted:
+            terms_lib.check_logits_head(heads[-1], f"{role} ('{teacher.name}')",
+                                        "teacher weighting")
+        teacher_pass = frozen.extractor(teacher, layer_name, role=role)
+        teacher_classes = teacher_pass.outputs[1].shape[-1]
+        if teacher_classes != num_classes:
+            raise ValueError(
+                f"{role} ('{teacher.name}') predicts {teacher_classes} "
+                f"classes, the student '{student.name}' {num_classes}."
+            )
+        teacher_passes.append(teacher_pass)
+    models = terms_lib.Models(
+        student=student, teachers=teachers,
+        student_map=tuple(student_pass.outputs[2].shape[1:]),
+        teacher_maps=[tuple(p.outputs[2].shape[1:]) for p in teacher_passes],
+        teacher_layers=layers, student_head=student_head, teacher_heads=heads,
+        num_classes=num_classes,
+    )
+    for term in terms:
+        term.validate(models)
+    return models, terms, (student_pass, teacher_passes)
+
+
 class FEEDDistiller(trainer.Trainer):
     """Trains one student from N frozen teachers with parallel FEED.
 
@@ -46,26 +125,33 @@ class FEEDDistiller(trainer.Trainer):
     the student itself. The loss of a batch is
 
         L = (1 - kd_weight) * loss(y, student(x))
-            + beta * sum_n feed_loss(target_n, NTL_n(x_S))
-            + kd_weight * T^2 * KL(mean_n softmax(t_n / T) || softmax(s / T))
+            + sum over terms of weight * (the term's values)
             + weight_decay / 2 * sum_w ||w||^2
 
     where `loss` is the one given to `compile` (default: sparse
     cross-entropy matching the student's head), applied to the student's own
     outputs, probabilities for a softmax head, exactly as `student.compile`
-    would; `s, x_S` are the student's pre-softmax logits and final feature map
-    (from ONE forward pass), `t_n` teacher n's logits and `target_n` its
-    feature map (for Factor Transfer, a frozen transform of it). Only the FEED
-    and KD terms read logits. With no teachers it is plain training of the
-    student, so one training loop serves every method.
+    would, and `kd_weight` the weight of the terms that take theirs from it
+    (`KDTerm`). The terms (`keras_feed.core.terms`) see the student's
+    pre-softmax logits and final feature map (from ONE forward pass) and the
+    teachers' logits and maps. The keyword arguments `beta`, `kd_weight`,
+    `temperature`, ... stand for the default terms:
+
+        beta * sum_n feed_loss(target_n, NTL_n(x_S))                (FeatureTerm)
+        + kd_weight * T^2 * KL(mean_n softmax(t_n / T) || softmax(s / T))  (KDTerm)
+
+    With no teachers it is plain training of the student, so one training loop
+    serves every method.
 
     `sample_weight` and `class_weight` weight the compiled loss and the
-    weighted metrics as in Keras; the FEED and KD terms are plain means over
-    the batch (every example's features count the same).
+    weighted metrics as in Keras; the terms are plain means over the batch
+    (every example's features count the same) unless a `teacher_weighting`
+    weighs the examples per teacher.
 
     Logged: `loss` (the total above), the compiled metrics, `student_loss`
-    (the compiled loss), one `<feature_term>_<n>` per teacher, `kd_loss` when
-    KD is on and `weight_decay_loss` when `weight_decay > 0`. `evaluate` (and
+    (the compiled loss), each term's values (`feed_loss_<n>` per teacher,
+    `kd_loss`), `teacher_weight_<n>` under a weighting other than `equal`,
+    and `weight_decay_loss` when `weight_decay > 0`. `evaluate` (and
     validation in `fit`) runs the teachers too and reports the same terms, so
     `val_loss` is the same total as `loss`. `predict` and `distiller.student`
     give the student's own outputs.
@@ -75,15 +161,17 @@ class FEEDDistiller(trainer.Trainer):
     `train_on_batch` and `test_on_batch` call, so teacher weights loaded in
     between are used; on JAX the compiled steps are then traced again),
     outside the gradient, never tracked (their weights are in no checkpoint
-    or export of the distiller). The NTLs (`translators`) are
-    built here, so every variable exists before `compile()`. Build and compile
-    inside `strategy.scope()` under tf.distribute.
+    or export of the distiller). The terms' layers (the NTLs, `translators`)
+    are built here, so every variable exists before `compile()`. Build and
+    compile inside `strategy.scope()` under tf.distribute.
 
     Args:
       student: functional or Sequential `keras.Model` classifying images
         (logits or a softmax head).
       teachers: functional or Sequential `keras.Model`s taking the student's
         images and predicting its classes.
+      terms: the distillation terms (`keras_feed.core.terms.Term` objects, the
+        user's own included); None: the terms the following arguments stand for.
       beta: weight of the summed feature terms (500 on CIFAR in the paper);
         0 builds no NTLs (logit-level KD alone).
       student_layer: the student's feature-map layer: a name, or
@@ -91,7 +179,10 @@ class FEEDDistiller(trainer.Trainer):
       teacher_layers: one layer name or path for all teachers, or one each.
       kd_weight: weight of Hinton's KD term in [0, 1]; the compiled loss gets
         1 - kd_weight.
-      temperature: KD temperature T > 0.
+      temperature: KD temperature T > 0 (also the `agreement` weighting's,
+        where no `KDTerm` gives one).
+      kd_form: `ensemble` (Hinton's KD of the averaged soft targets) or
+        `per_teacher` (CA-MKD's averaged per-teacher divergences); see `KDTerm`.
       translator_batchnorm: BatchNorm inside the NTLs.
       teacher_transforms: optional frozen layers applied to each teacher's map
         before the loss (Factor Transfer's paraphraser encoders); None = identity.
@@ -126,132 +217,65 @@ class FEEDDistiller(trainer.Trainer):
         student,
         teachers=(),
         *,
-        beta=500.0,
+        terms=None,
         student_layer="features",
         teacher_layers="features",
-        kd_weight=0.0,
         temperature=4.0,
-        translator_batchnorm=False,
-        teacher_transforms=None,
-        translator_channels=None,
         weight_decay=0.0,
-        feature_term="feed_loss",
         teacher_weighting="equal",
         name="feed_distiller",
         **kwargs,
     ):
+        term_settings = {key: kwargs.pop(key) for key in _TERM_SETTINGS if key in kwargs}
         super().__init__(name=name, **kwargs)
-        teachers = list(teachers)
-        for setting, value in (("beta", beta), ("kd_weight", kd_weight),
-                               ("temperature", temperature), ("weight_decay", weight_decay)):
-            if not math.isfinite(float(value)):
-                raise ValueError(f"{setting} must be finite, got {value}.")
-        if not 0.0 <= kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if beta < 0 or weight_decay < 0:
-            raise ValueError(f"beta and weight_decay must be >= 0, got {beta} and {weight_decay}.")
-        if kd_weight > 0 and not teachers:
-            raise ValueError("kd_weight > 0 needs at least one teacher.")
-        if teachers and beta == 0 and kd_weight == 0:
-            raise ValueError(
-                f"{len(teachers)} teacher(s) given but no term uses them (beta=0 and "
-                "kd_weight=0): train the student alone (no teachers), or set beta or kd_weight."
-            )
-        self.beta = float(beta)
-        self.kd_weight = float(kd_weight)
-        self.temperature = float(temperature)
+        models, terms, (student_pass, teacher_passes) = validate(
+            student, teachers, terms=terms, student_layer=student_layer,
+            teacher_layers=teacher_layers, teacher_weighting=teacher_weighting,
+            temperature=temperature, weight_decay=weight_decay, **term_settings,
+        )
         self.weight_decay = float(weight_decay)
-        self.feature_term = feature_term
-        self.teacher_weighting = weighting.get(teacher_weighting)  # one-line error if unknown
+        self.teacher_weighting = weighting.get(teacher_weighting)
+        teachers = models.teachers
         # `equal` is all ones: today's loss exactly, with no weights computed.
         self.weighted = bool(teachers) and self.teacher_weighting is not weighting.equal
-
+        kd_terms = [term for term in terms if isinstance(term, terms_lib.KDTerm)]
+        self.temperature = kd_terms[0].temperature if kd_terms else float(temperature)
         self.student = student
-        self.student_head = frozen.head_kind(student, role="Student")
-        if self.kd_weight > 0 and self.student_head not in ("logits", "softmax"):
-            raise ValueError(
-                f"Student '{student.name}' ends in a '{self.student_head}' activation: KD "
-                "needs class logits (a last layer without activation, or with softmax)."
-            )
-        student_pass = frozen.extractor(student, student_layer, role="Student")
-        num_classes = student_pass.outputs[1].shape[-1]
-        student_shape = tuple(student_pass.outputs[2].shape[1:])
-        self.student_feature_shape = student_shape
+        self.student_head = models.student_head
+        self.student_feature_shape = models.student_map
 
-        teacher_layers = _as_list(teacher_layers, len(teachers), "teacher_layers")
-        transforms = (
-            [None] * len(teachers)
-            if teacher_transforms is None
-            else _as_list(teacher_transforms, len(teachers), "teacher_transforms")
-        )
+        for term in terms:
+            term.build(models)
+        self._terms = frozen.Untracked(terms)
+        # The terms' layers, tracked here (trained, checkpointed, saved with the
+        # weights): the NTLs of the feature terms as `translators`, the others'
+        # as `term_layers`.
+        self.translators = [layer for term in terms if isinstance(term, terms_lib.FeatureTerm)
+                            for layer in term.layers()]
+        others = [layer for term in terms if not isinstance(term, terms_lib.FeatureTerm)
+                  for layer in term.layers()]
+        if others:
+            self.term_layers = others
+        # Inference twins: only the outputs the terms use (logits for KD or the
+        # weighting), with BatchNormalization folded into the convolutions.
+        needs_logits = self.weighted or any(term.needs_teacher_logits for term in terms)
         teacher_graphs = []
-        self.translators = []
-        for index, (teacher, layer_name, transform) in enumerate(
-            zip(teachers, teacher_layers, transforms)
-        ):
-            role = f"Teacher {index}"
-            teacher.trainable = False
-            _check_teacher_input(frozen.functional(teacher, role=role), student, role)
-            head = frozen.head_kind(teacher, role=role)
-            if (self.kd_weight > 0 or self.weighted) and head not in ("logits", "softmax"):
-                raise ValueError(
-                    f"{role} ('{teacher.name}') ends in a '{head}' activation: KD and "
-                    "teacher weighting need class logits (a last layer without "
-                    "activation, or with softmax)."
-                )
-            teacher_pass = frozen.extractor(teacher, layer_name, role=role)
-            teacher_classes = teacher_pass.outputs[1].shape[-1]
-            if teacher_classes != num_classes:
-                raise ValueError(
-                    f"{role} ('{teacher.name}') predicts {teacher_classes} "
-                    f"classes, the student '{student.name}' {num_classes}."
-                )
-            target_shape = tuple(teacher_pass.outputs[2].shape[1:])
-            if transform is not None:
-                transform.trainable = False
-                target_shape = tuple(
-                    transform.compute_output_shape((None,) + target_shape)[1:]
-                )
-            # Inference twin: only the outputs the loss uses (logits for KD or
-            # the weighting), with BatchNormalization folded into the convolutions.
-            needs_logits = self.kd_weight > 0 or self.weighted
+        for index, teacher_pass in enumerate(teacher_passes):
             used = teacher_pass.outputs[1:] if needs_logits else teacher_pass.outputs[2:]
-            teacher_graphs.append(
-                frozen.inference_model(
-                    keras.Model(teacher_pass.inputs[0], used, name=f"teacher_{index}_inference")
-                )
-            )
-            if self.beta == 0:
-                continue  # logit-level KD only: no NTLs, no feature terms
-            try:
-                translator = translators_lib.translator_for(
-                    student_shape,
-                    target_shape,
-                    out_channels=translator_channels[index] if translator_channels else None,
-                    batchnorm=translator_batchnorm,
-                    name=f"ntl_{index}",
-                )
-            except ValueError as error:
-                raise ValueError(
-                    f"{role} ('{teacher.name}', layer '{layer_name}'): {error}"
-                ) from None
-            self.translators.append(translator)
+            teacher_graphs.append(frozen.inference_model(
+                keras.Model(teacher_pass.inputs[0], used, name=f"teacher_{index}_inference")))
         self._frozen = frozen.Untracked(
             {
                 "student_pass": student_pass,
                 "teachers": teachers,
                 "teacher_graphs": teacher_graphs,
-                "teacher_transforms": transforms,
+                "needs_logits": needs_logits,
             }
         )
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
-        self.feature_trackers = [
-            keras.metrics.Mean(name=f"{feature_term}_{index}")
-            for index in range(len(self.translators))
+        self.term_trackers = [
+            keras.metrics.Mean(name=value_name) for term in terms for value_name in term.names()
         ]
-        self.kd_tracker = keras.metrics.Mean(name="kd_loss") if self.kd_weight > 0 else None
         self.weight_trackers = [
             keras.metrics.Mean(name=f"teacher_weight_{index}")
             for index in range(len(teachers) if self.weighted else 0)
@@ -263,8 +287,23 @@ class FEEDDistiller(trainer.Trainer):
 
     # -- structure -----------------------------------------------------------
 
-    # Teachers are reached through methods, not attributes or properties: Keras'
-    # weight saving walks every attribute, and would store them.
+    # Teachers and terms are reached through methods, not attributes or
+    # properties: Keras' weight saving walks every attribute, and would store them.
+
+    @property
+    def terms(self):
+        """The distillation terms (`keras_feed.core.terms.Term`), in order."""
+        return list(self._terms.value)
+
+    @property
+    def beta(self):
+        """The summed weight of the feature terms (0 without any)."""
+        return sum(t.weight for t in self.terms if isinstance(t, terms_lib.FeatureTerm))
+
+    @property
+    def kd_weight(self):
+        """The share of the loss the KD terms take from the compiled loss (0 without KD)."""
+        return sum(t.weight for t in self.terms if t.takes_from_student_loss)
 
     def frozen_teachers(self):
         """The frozen teacher models (not tracked, not saved)."""
@@ -280,8 +319,9 @@ class FEEDDistiller(trainer.Trainer):
         state = self._frozen.value
         for graph in state["teacher_graphs"]:
             frozen.refold(graph)
-        # The folded kernels follow from the teachers' weights.
-        read = [*state["teachers"], *(t for t in state["teacher_transforms"] if t is not None)]
+        # The folded kernels follow from the teachers' weights (and the terms'
+        # frozen transforms').
+        read = [*state["teachers"], *(m for term in self.terms for m in term.frozen_models())]
         self.frozen_weights_read([variable for model in read for variable in model.weights])
 
     def default_loss(self):
@@ -321,21 +361,20 @@ class FEEDDistiller(trainer.Trainer):
     # -- the loss --------------------------------------------------------------
 
     def teacher_outputs(self, images):
-        """Runs every teacher (and transform) in inference mode, without gradients.
+        """Runs every teacher in inference mode, without gradients.
 
         Returns:
-          `(teacher_logits, teacher_targets)`: lists with one entry per teacher;
-          `teacher_logits` is empty when nothing uses them (no KD, no weighting).
+          `(teacher_logits, teacher_maps)`: lists with one entry per teacher
+          (`teacher_logits` is empty when nothing uses them: no KD, no
+          weighting), outside the gradient. A term's transforms (Factor
+          Transfer's encoders) are applied by the term.
         """
-        logits_list, targets = [], []
-        state = self._frozen.value
-        for graph, transform in zip(state["teacher_graphs"], state["teacher_transforms"]):
+        logits_list, maps = [], []
+        for graph in self._frozen.value["teacher_graphs"]:
             *logits, features = keras.tree.flatten(graph(images, training=False))
-            if transform is not None:
-                features = transform(features, training=False)
             logits_list += [ops.stop_gradient(value) for value in logits]
-            targets.append(ops.stop_gradient(features))
-        return logits_list, targets
+            maps.append(ops.stop_gradient(features))
+        return logits_list, maps
 
     def teacher_weights(self, teacher_logits, labels, student_logits):
         """`(batch, K)` weights of the teachers for each example (rows sum to K), outside
@@ -347,26 +386,22 @@ class FEEDDistiller(trainer.Trainer):
             student_logits=student_logits, temperature=self.temperature,
         )
 
-    def distillation_terms(self, logits, student_features, teacher_logits, teacher_targets,
-                           training, weights=None):
-        """The FEED (or FT) and KD terms of one batch, float32 scalars keyed by name.
+    def distillation_terms(self, logits, student_features, teacher_logits, teacher_maps,
+                           training, weights=None, labels=None):
+        """Every term's values for one batch, float32 scalars keyed by their logged names.
 
-        With `weights` (`teacher_weights`), each example's distance to teacher n
-        is multiplied by its weight before the batch mean, and the KD targets are
-        the weighted mean of the teachers' soft targets.
+        With `weights` (`teacher_weights`), the terms weigh each example per
+        teacher (see `terms.Batch`).
         """
-        terms = {}
-        for index, (translator, target) in enumerate(zip(self.translators, teacher_targets)):
-            translated = translator(student_features, training=training)
-            if weights is None:
-                terms[f"{self.feature_term}_{index}"] = losses.feed_loss(target, translated)
-            else:
-                terms[f"{self.feature_term}_{index}"] = ops.mean(
-                    weights[:, index] * losses.per_example_feed_loss(target, translated))
-        if self.kd_weight > 0:
-            soft_targets = losses.ensemble_soft_targets(teacher_logits, self.temperature, weights)
-            terms["kd_loss"] = losses.kd_loss(soft_targets, logits, self.temperature)
-        return terms
+        batch = terms_lib.Batch(
+            student_logits=logits, student_features=student_features,
+            teacher_logits=teacher_logits, teacher_features=teacher_maps,
+            teacher_weights=weights, labels=labels, training=training,
+        )
+        values = {}
+        for term in self.terms:
+            values.update(term.compute(batch))
+        return values
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The total loss of a batch (see the class docstring); updates each term's tracker.
@@ -381,31 +416,32 @@ class FEEDDistiller(trainer.Trainer):
         student_loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred["predictions"], sample_weight=sample_weight
         )
-        teacher_logits, teacher_targets = self.teacher_outputs(x)
+        teacher_logits, teacher_maps = self.teacher_outputs(x)
         weights = self.teacher_weights(teacher_logits, y, y_pred["logits"])
-        terms = self.distillation_terms(
-            y_pred["logits"], y_pred["features"], teacher_logits, teacher_targets, training,
-            weights,
+        values = self.distillation_terms(
+            y_pred["logits"], y_pred["features"], teacher_logits, teacher_maps, training,
+            weights, labels=y,
         )
-        factors = {name: self.beta for name in terms if name != "kd_loss"}
-        factors["kd_loss"] = self.kd_weight
+        extra = ops.zeros((), "float32")
+        for term in self.terms:
+            for value_name in term.names():
+                extra = extra + term.weight * values[value_name]
         if self.decay_tracker is not None:
-            terms["weight_decay_loss"] = self.weight_decay_loss()
-            factors["weight_decay_loss"] = 1.0
-        extra = sum((factors[name] * value for name, value in terms.items()), ops.zeros((), "float32"))
+            values["weight_decay_loss"] = self.weight_decay_loss()
+            extra = extra + values["weight_decay_loss"]
         total = (1.0 - self.kd_weight) * ops.cast(student_loss, "float32") + trainer.replica_share(extra)
 
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        terms["student_loss"] = trainer.whole_batch(ops.cast(student_loss, "float32"))
+        values["student_loss"] = trainer.whole_batch(ops.cast(student_loss, "float32"))
         for tracker in self._term_trackers():
-            tracker.update_state(terms[tracker.name], sample_weight=batch_size)
+            tracker.update_state(values[tracker.name], sample_weight=batch_size)
         for index, tracker in enumerate(self.weight_trackers):
             tracker.update_state(ops.mean(weights[:, index]), sample_weight=batch_size)
         return total
 
     def _term_trackers(self):
-        trackers = [self.student_loss_tracker, *self.feature_trackers]
-        return trackers + [t for t in (self.kd_tracker, self.decay_tracker) if t is not None]
+        trackers = [self.student_loss_tracker, *self.term_trackers]
+        return trackers + ([self.decay_tracker] if self.decay_tracker is not None else [])
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """The compiled metrics, on the student's own outputs, and every term."""
@@ -456,6 +492,16 @@ class FEEDDistiller(trainer.Trainer):
         )
 
     def get_config(self):
-        # The distiller is a training harness, saved as its parts: the student
-        # (`.keras`) and the NTLs' weights. It is not meant to be deserialised.
-        return {"name": self.name}
+        """What the distiller trains with: its terms, weighting and settings.
+
+        The distiller is a training harness, saved as its parts (the student's
+        `.keras` file, the terms' layers' weights), not deserialised from this.
+        """
+        return {
+            "name": self.name,
+            "terms": [term.describe() for term in self.terms],
+            "teachers": [teacher.name for teacher in self.frozen_teachers()],
+            "teacher_weighting": getattr(self.teacher_weighting, "__name__",
+                                         str(self.teacher_weighting)),
+            "weight_decay": self.weight_decay,
+        }

@@ -106,6 +106,17 @@ def kd_loss(teacher_probabilities, student_logits, temperature):
       A float32 scalar: the KL divergence summed over classes, averaged over
       the batch, times T^2 (so that its gradients keep their scale as T grows).
     """
+    return keras.ops.mean(_kl(teacher_probabilities, student_logits, temperature)) * (
+        temperature**2)
+
+
+def per_example_kd_loss(teacher_probabilities, student_logits, temperature):
+    """`kd_loss` before the batch mean: a float32 vector `(batch,)`."""
+    return _kl(teacher_probabilities, student_logits, temperature) * (temperature**2)
+
+
+def _kl(teacher_probabilities, student_logits, temperature):
+    """Per example, KL(p_teacher || softmax(student_logits / T)), summed over classes."""
     teacher_probabilities = keras.ops.cast(teacher_probabilities, "float32")
     student_log_probabilities = keras.ops.log_softmax(
         keras.ops.cast(student_logits, "float32") / temperature, axis=-1
@@ -113,9 +124,8 @@ def kd_loss(teacher_probabilities, student_logits, temperature):
     teacher_log_probabilities = keras.ops.log(
         keras.ops.maximum(teacher_probabilities, 1e-12)
     )
-    kl = keras.ops.sum(
+    return keras.ops.sum(
         teacher_probabilities
         * (teacher_log_probabilities - student_log_probabilities),
         axis=-1,
     )
-    return keras.ops.mean(kl) * (temperature**2)

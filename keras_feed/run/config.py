@@ -6,7 +6,8 @@ same name (its help, its choices, its range, whether a rerun may change it:
 see `setting`); `keras-feed-train`'s flags are derived from the fields
 (`flag_specs`), so a new setting is one new field. The choices come from the
 registries that define them (methods, strategies, precisions, preprocessing
-conventions); every number has a range (`Bounds`) that `check_config` checks.
+conventions); every number has a range (`settings.Bounds`) that `check_config`
+checks.
 
 Importing this module imports neither Keras nor the registries (methods,
 models, `keras_feed.run.distribute`): they are imported where they are used, so
@@ -16,13 +17,13 @@ unsupported Keras backend (`check_backend`) before Keras loads.
 
 import dataclasses
 import json
-import numbers
 import os
-import re
 import sys
 import typing
 
 import numpy as np
+
+from keras_feed.run.settings import Bounds, check_bounds, setting
 
 LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -30,86 +31,6 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 #: The Keras backends keras-feed runs on: its data pipelines, distribution
 #: strategies and SavedModel exports are TensorFlow's, which JAX runs beside.
 BACKENDS = ("tensorflow", "jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class Bounds:
-    """The values a numeric setting may take, written as its help shows them.
-
-    `text` is one of: `> a`, `>= a`, `< b`, `<= b`, an interval `[a, b]`,
-    `(a, b]`, `[a, b)`, `(a, b)`, or a set of values `{a, b, c}`. For a tuple
-    setting the range applies to each item.
-    """
-
-    text: str
-
-    def __post_init__(self):
-        self._parsed()  # a malformed range fails where the field is defined
-
-    def _parsed(self):
-        text = self.text.strip()
-        number = r"\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*"
-        if text.startswith("{") and text.endswith("}"):
-            return "set", tuple(float(v) for v in text[1:-1].split(","))
-        match = re.fullmatch(r"(>=|>|<=|<)" + number, text)
-        if match:
-            return match.group(1), float(match.group(2))
-        match = re.fullmatch(r"([\[(])" + number + "," + number + r"([\])])", text)
-        if match:
-            return "interval", (match.group(1), float(match.group(2)), float(match.group(3)),
-                                match.group(4))
-        raise ValueError(f"Malformed range '{self.text}'.")
-
-    def __contains__(self, value):
-        kind, spec = self._parsed()
-        if kind == "set":
-            return value in spec
-        if kind == "interval":
-            opening, low, high, closing = spec
-            above = value >= low if opening == "[" else value > low
-            below = value <= high if closing == "]" else value < high
-            return above and below
-        return {">": value > spec, ">=": value >= spec, "<": value < spec,
-                "<=": value <= spec}[kind]
-
-    @property
-    def requirement(self):
-        """`must be > 0`, `must lie in (0, 1]`, `must be one of 0, 1, 2`."""
-        kind, _ = self._parsed()
-        if kind == "set":
-            return f"must be one of {self.text.strip()[1:-1]}"
-        if kind == "interval":
-            return f"must lie in {self.text}"
-        return f"must be {self.text}"
-
-    def __str__(self):
-        return self.text
-
-
-def setting(default, help, *, choices=None, resumable=False, item=None,  # pylint: disable=redefined-builtin
-            bounds=None, per_teacher=False):
-    """A `TrainConfig` field with what its flag needs.
-
-    Args:
-      default: the default value (also the flag's).
-      help: the flag's help text.
-      choices: the allowed values: a tuple, or a function returning them (a
-        registry's `names`), read when the flags are defined.
-      resumable: whether a rerun may change it and still resume the run
-        (`keras_feed.run.run_folder.comparable_settings`): where and how it
-        runs, not what it trains.
-      item: for tuple settings, the type of their comma-separated items.
-      bounds: for numbers, the range of their values (`Bounds` text, e.g.
-        `"(0, 1]"`; each item's, for tuple settings); `check_config` refuses
-        a value outside it, and the flag's help shows it. None (the default
-        of an optional number) is always allowed.
-      per_teacher: one value for every teacher, or a tuple of one per teacher
-        (`item` each); its flag is a string of comma-separated values.
-    """
-    metadata = {"help": help, "choices": choices, "resumable": resumable, "item": item,
-                "bounds": Bounds(bounds) if bounds is not None else None,
-                "per_teacher": per_teacher}
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _strategy_names():
@@ -122,6 +43,12 @@ def _weighting_names():
     from keras_feed.core import weighting
 
     return tuple(weighting.WEIGHTINGS)
+
+
+def _kd_forms():
+    from keras_feed.core import terms
+
+    return terms.KD_FORMS
 
 
 def _method_names():
@@ -221,6 +148,11 @@ class TrainConfig:
         "the entropy of its prediction), agreement (AE-KD: one set per batch from the "
         "teachers' KD gradients). Logged as teacher_weight_<n>.",
         choices=_weighting_names)
+    kd_form: str = setting(
+        "ensemble", "The KD term's form: ensemble (Hinton's KD of the teachers' averaged soft "
+        "targets, weighted per example) or per_teacher (CA-MKD's: each teacher's KL "
+        "divergence, weighted per example, averaged over the teachers).",
+        choices=_kd_forms)
     seed: int = setting(
         0, "Seed of the student's initialisation, data order and augmentation.",
         bounds=">= 0")
@@ -442,31 +374,28 @@ def check_config(config, method):
             raise ValueError(f"--{field.name} must be a finite number, got {value}.")
     for field in dataclasses.fields(config):
         check_bounds(field, getattr(config, field.name))
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"Unknown --lr_schedule '{config.lr_schedule}'; choose from {', '.join(LR_SCHEDULES)}."
-        )
-    conventions = _preprocessing_conventions()
-    if config.teacher_preprocessing not in conventions:
-        raise ValueError(
-            f"Unknown --teacher_preprocessing '{config.teacher_preprocessing}'; choose from "
-            f"{', '.join(conventions)}."
-        )
+        check_choice(field, getattr(config, field.name))
     for path in config.teachers:
         if not os.path.isfile(path):
             raise ValueError(f"Teacher file not found: {path}")
     check_per_teacher(config)
-    if config.teacher_weighting not in _weighting_names():
-        raise ValueError(
-            f"Unknown --teacher_weighting '{config.teacher_weighting}'; choose from "
-            f"{', '.join(_weighting_names())}."
-        )
     if config.teacher_weighting != "equal" and not method.uses_teachers:
         raise ValueError(
             f"--teacher_weighting={config.teacher_weighting} weighs teachers, and "
             f"--method={config.method} has none."
         )
     method.check(config)
+
+
+def check_choice(field, value):
+    """Raises `ValueError` (one line) unless `value` is one of `field`'s choices (if any),
+    the same choices its flag offers."""
+    choices = field.metadata["choices"]
+    if choices is None:
+        return
+    choices = tuple(choices() if callable(choices) else choices)
+    if value not in choices:
+        raise ValueError(f"Unknown --{field.name} '{value}'; choose from {', '.join(choices)}.")
 
 
 def check_per_teacher(config):
@@ -485,27 +414,6 @@ def check_per_teacher(config):
             raise ValueError(
                 f"--{name} gives {len(value)} values ({','.join(str(v) for v in value)}); "
                 f"give one for all teachers or one per teacher ({count}, from {source}).")
-
-
-def check_bounds(field, value):
-    """Raises `ValueError` (one line) if `value` lies outside `field`'s range.
-
-    None passes for an optional setting (one whose default is None); a tuple
-    setting's range applies to each of its items.
-    """
-    bounds = field.metadata["bounds"]
-    if bounds is None or (value is None and field.default is None):
-        return
-    items = value if isinstance(value, tuple) else (value,)
-    shown = ",".join(str(item) for item in items) if isinstance(value, tuple) else value
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, numbers.Real):
-            raise ValueError(f"--{field.name} must be a number, got {shown!r}.")  # noqa: TRY004
-        if item not in bounds:
-            if isinstance(value, tuple):
-                raise ValueError(
-                    f"--{field.name} must be comma-separated values {bounds}, got {shown}.")
-            raise ValueError(f"--{field.name} {bounds.requirement}, got {shown}.")
 
 
 def keras_backend():

@@ -107,9 +107,15 @@ class Experiment:
                     if architecture not in built:
                         built[architecture] = self.build_model(architecture, seed=0)
                     teachers.append(built[architecture])
-            layers = self.config.teacher_layers(len(teachers))
-            for teacher, layer in zip(teachers, layers):
-                self._check_teacher(teacher, student, layer)
+            # The core's one check of student, teachers and terms, as the method
+            # will build its distiller (`FEEDDistiller` runs the same).
+            plan = self.method.plan(self.config)
+            settings = self.distiller_settings()
+            if plan.translator_channels is None:
+                settings["beta"] = 0.0  # no NTLs (KD alone)
+            else:
+                settings["translator_channels"] = plan.translator_channels
+            distiller_lib.validate(student, teachers, **settings)
             if paths:  # after the shapes: how the files take their inputs
                 teachers = [self._raw_pixel_teacher(t, path) for t, path in zip(teachers, paths)]
             else:
@@ -121,26 +127,6 @@ class Experiment:
         if getattr(self.method, "uses_teacher_folder", True):  # sfeed trains its own
             for index in range(self.config.num_teachers):
                 self.check_teacher_record(index)
-
-    def _check_teacher(self, teacher, student, layer=None):
-        student_shape = frozen.feature_shape(student, self.config.student_layer, role="Student")
-        extractor = frozen.extractor(
-            teacher, self.config.teacher_layer if layer is None else layer, role="Teacher",
-            name="check"
-        )
-        classes = extractor.outputs[1].shape[-1]
-        if classes != self.num_classes:
-            raise ValueError(
-                f"Teacher '{teacher.name}' predicts {classes} classes; dataset "
-                f"'{self.info.name}' has {self.num_classes}."
-            )
-        teacher_input = tuple(teacher.inputs[0].shape[1:])
-        if teacher_input != self.input_shape:
-            raise ValueError(
-                f"Teacher '{teacher.name}' takes inputs {teacher_input}; the data "
-                f"gives {self.input_shape}."
-            )
-        self.method.check_shapes(student_shape, tuple(extractor.outputs[2].shape[1:]))
 
     def _raw_pixel_teacher(self, teacher, path):
         """The teacher read from `path`, taking raw pixels as the data gives them.
@@ -297,9 +283,9 @@ class Experiment:
 
     # -- training --------------------------------------------------------------
 
-    def make_distiller(self, student, teachers, **overrides):
-        """A compiled-ready `FEEDDistiller` with the config's loss settings."""
-        settings = dict(
+    def distiller_settings(self):
+        """The config's `FEEDDistiller` arguments (its loss settings and layers)."""
+        return dict(
             beta=self.config.beta,
             kd_weight=self.config.kd_weight,
             temperature=self.config.temperature,
@@ -310,7 +296,12 @@ class Experiment:
             translator_batchnorm=self.config.translator_batchnorm,
             weight_decay=self.config.weight_decay,
             teacher_weighting=self.config.teacher_weighting,
+            kd_form=self.config.kd_form,
         )
+
+    def make_distiller(self, student, teachers, **overrides):
+        """A compiled-ready `FEEDDistiller` with the config's loss settings."""
+        settings = self.distiller_settings()
         settings.update(overrides)
         with self.strategy.scope():
             return distiller_lib.FEEDDistiller(student, teachers, **settings)

@@ -98,6 +98,7 @@ def describe_plan(experiment):
         f"{config.batch_size}, SGD lr {config.learning_rate} ({schedule}), momentum "
         f"{config.momentum}, weight decay {config.weight_decay}, beta {config.beta}"
         + (f", kd_weight {config.kd_weight}, T {config.temperature}" if config.kd_weight else "")
+        + (f" ({config.kd_form} KD)" if config.kd_weight and config.kd_form != "ensemble" else "")
         + (f", teachers weighted per example: {config.teacher_weighting}"
            if config.teacher_weighting != "equal" else "")
     )

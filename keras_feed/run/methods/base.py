@@ -3,8 +3,6 @@
 import dataclasses
 from typing import Callable, Optional, Tuple
 
-from keras_feed.core import translators as translators_lib
-
 _METHODS = {}
 
 
@@ -86,10 +84,6 @@ class Method:
                 f"--method={self.name} with --beta=0 and --kd_weight=0: no term uses the "
                 "teachers; train the student alone with --method=ce."
             )
-
-    def check_shapes(self, student_shape, teacher_shape):
-        """Raises `ValueError` when an NTL cannot map student onto teacher map."""
-        translators_lib.spatial_adapter(student_shape, teacher_shape)
 
     def run(self, experiment):
         """Runs the method's stages, writes the outputs and returns the metrics."""

@@ -27,9 +27,6 @@ class KnowledgeDistillation(Method):
                 f"{config.kd_weight}."
             )
 
-    def check_shapes(self, student_shape, teacher_shape):
-        """KD compares logits only: any feature maps will do."""
-
     def run(self, experiment):
         teachers, paths = experiment.teachers()
         student = experiment.build_student()
