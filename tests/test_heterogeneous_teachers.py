@@ -116,6 +116,15 @@ def test_the_dry_run_lists_every_teacher(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_the_dry_run_names_the_kd_form_and_the_weighting(tmp_path):
+    config = TrainConfig(method="pfeed", dry_run=True, model_dir=str(tmp_path / "run"),
+                         kd_weight=0.5, kd_form="per_teacher", teacher_weighting="confidence",
+                         **{**TINY, **MIXED})
+    (recipe,) = [line for line in runner.run(config)["plan"] if line.startswith("recipe: ")]
+    assert recipe.endswith("kd_weight 0.5, T 4.0 (per_teacher KD), teachers weighted per "
+                           "example: confidence"), recipe
+
+
 def test_flag_values_one_for_all_or_one_each():
     single = config_lib.from_values(
         {"teacher_model": ["resnet20"], "teacher_epochs": ["30"], "teacher_layer": ["features"]})

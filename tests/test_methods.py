@@ -230,6 +230,9 @@ def test_optimizer_schedule_starts_at_the_given_peak(schedule):
         ("ce", dict(teacher_weighting="confidence"),
          "--teacher_weighting=confidence weighs teachers, and --method=ce has none"),
         ("pfeed", dict(teacher_weighting="nope"), "Unknown --teacher_weighting 'nope'"),
+        ("pfeed", dict(kd_form="mean"), "Unknown --kd_form 'mean'; choose from ensemble, "
+                                        "per_teacher."),
+        ("pfeed", dict(lr_schedule="linear"), "Unknown --lr_schedule 'linear'"),
     ],
 )
 def test_bad_method_settings_fail_before_writing(tmp_path, method, settings, message):
