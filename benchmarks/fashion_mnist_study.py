@@ -34,7 +34,9 @@ start. Runs whose method is not registered in `keras_feed.run.methods` yet are
 postponed: the next start picks them up. Scratch folders of the runs go to
 `runs/fashion_mnist_study/` (not in git). After every run the table
 (`fashion_mnist.md`) and the plots (`fashion_mnist_accuracy.png`,
-`fashion_mnist_feed_loss.png`) are rewritten.
+`fashion_mnist_feed_loss.png`) are rewritten. What this study shares with the
+other studies (running, recording, statistics, plots) is in
+`benchmarks/study_common.py`.
 
 Each record carries the keras_feed version that produced it (`git`: the
 checkout's commit, "+dirty" with uncommitted edits under keras_feed/, and a
@@ -43,58 +45,34 @@ committed results span four versions: see README.md, "Evidence:
 Fashion-MNIST study".
 """
 
-import argparse
 import dataclasses
-import datetime
-import fcntl
-import gc
-import hashlib
-import json
-import math
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import traceback
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the checkout's keras_feed, installed or not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # study_common, run or imported
+import study_common as common  # noqa: E402
+from study_common import (  # noqa: E402  (the names the tests and older callers use)
+    difference,
+    git_revision,
+    mean_std,
+    now,
+    percent,
+    reset_session,
+    say,
+    stage_summary,
+    summary,
+)
+
 RESULTS_NAME = "fashion_mnist"
 TEACHER_SEED = 100
 NUM_TEACHERS = 3
 
 # The recipe shared by teachers and students (TrainConfig fields).
-RECIPE = dict(
-    dataset="fashion_mnist",
-    data_dir="/usr/share/datasets/fashion-mnist",
-    train_examples=6000,
-    subset_seed=0,
-    model="resnet20",
-    teacher_model="resnet20",
-    epochs=30,
-    teacher_epochs=30,
-    batch_size=128,
-    learning_rate=0.1,
-    lr_schedule="cosine",
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
-    beta=500.0,
-)
+RECIPE = dict(common.STUDENT_RECIPE, teacher_model="resnet20", teacher_epochs=30, beta=500.0)
 
 # A seconds-long rehearsal of the same plan (never written to benchmarks/results).
-SMOKE_RECIPE = dict(
-    RECIPE,
-    dataset="synthetic",
-    data_dir=None,
-    train_examples=256,
-    model="resnet8",
-    teacher_model="resnet8",
-    epochs=1,
-    teacher_epochs=1,
-    batch_size=64,
-)
+SMOKE_RECIPE = dict(RECIPE, **common.SMOKE_SETTINGS, teacher_model="resnet8", teacher_epochs=1)
 
 KD = (("kd_weight", 0.9), ("temperature", 4.0))
 
@@ -169,165 +147,31 @@ def plan():
     return runs
 
 
-def say(message):
-    stamp = datetime.datetime.now().strftime("%H:%M:%S")
-    print(f"[study {stamp}] {message}", file=sys.stderr, flush=True)
-
-
-class Study:
+class Study(common.StudyFiles):
     """Paths, the results file and the recipe of one study (real or smoke)."""
 
     def __init__(self, results_dir, runs_dir, recipe):
-        self.results_dir = os.path.abspath(results_dir)
-        self.runs_dir = os.path.abspath(runs_dir)
+        super().__init__(results_dir, runs_dir, RESULTS_NAME, {
+            "study": None, "teachers": [], "ensembles": {}, "runs": [], "failures": {}})
         self.recipe = dict(recipe)
-        self.json_path = os.path.join(self.results_dir, f"{RESULTS_NAME}.json")
-        self.md_path = os.path.join(self.results_dir, f"{RESULTS_NAME}.md")
-        self.accuracy_png = os.path.join(self.results_dir, f"{RESULTS_NAME}_accuracy.png")
         self.feed_loss_png = os.path.join(self.results_dir, f"{RESULTS_NAME}_feed_loss.png")
-        self.teacher_dir = os.path.join(self.results_dir, f"{RESULTS_NAME}_teachers")
-
-    def teacher_path(self, index):
-        return os.path.join(self.teacher_dir, f"teacher_{index}.keras")
-
-    def shown(self, path):
-        """`path` relative to the repository when inside it (portable in the json)."""
-        relative = os.path.relpath(path, REPO)
-        return path if relative.startswith("..") else relative
-
-    # -- the results file ------------------------------------------------------
-
-    def load(self):
-        if not os.path.isfile(self.json_path):
-            return {"study": None, "teachers": [], "ensembles": {}, "runs": [], "failures": {}}
-        with open(self.json_path, encoding="utf-8") as handle:
-            results = json.load(handle)
-        for key, empty in (("teachers", []), ("ensembles", {}), ("runs", []), ("failures", {})):
-            results.setdefault(key, empty)
-        return results
-
-    def save(self, results):
-        from keras_feed.run import files
-
-        files.write_json(self.json_path, results)
 
 
 # -- training ------------------------------------------------------------------
 
 
-def git_revision():
-    """The checkout's commit ("+dirty" when keras_feed/ has local edits) and a hash of
-    the keras_feed sources this process imported (the checkout is edited meanwhile)."""
-    import keras_feed
-    from keras_feed.run import experiment, methods, runner  # noqa: F401  (imported before hashing)
-
-    package = os.path.dirname(keras_feed.__file__)
-    sources = hashlib.sha256()
-    for root, _, files in sorted(os.walk(package)):
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(root, name), "rb") as handle:
-                    sources.update(name.encode() + handle.read())
-    return {"commit": _git_commit(), "keras_feed_sha256": sources.hexdigest()[:16]}
-
-
-def _git_commit():
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "keras_feed"], cwd=REPO, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def base_config(study, **fields):
-    from keras_feed.run.config import TrainConfig
-
-    return TrainConfig(**{**study.recipe, "verbose": 2, **fields})
-
-
-def reset_session():
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
-
-
-def run_in(model_dir, config):
-    """`runner.run(config)` in `model_dir`, kept so a killed run can resume there.
-
-    A run that raises has its folder removed, so the next attempt starts afresh.
-    """
-    from keras_feed.run import runner
-
-    try:
-        return runner.run(config)
-    except Exception:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        raise
+    return common.make_config(study.recipe, **fields)
 
 
 def finished_metrics(config):
     """metrics.json of a run of `config` that finished but was not recorded, or None."""
-    path = os.path.join(config.model_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        metrics = json.load(handle)
-    written = metrics.get("config", {})
-    same = all(written.get(k) == getattr(config, k) for k in ("method", "seed", "epochs", "beta"))
-    return metrics if same else None
+    return common.finished_metrics(config, ("method", "seed", "epochs", "beta"))
 
 
 def describe_data(study):
     """The training subset's size, seed and index hash, and the test size."""
-    from keras_feed import data as data_lib
-
-    data = data_lib.load(
-        study.recipe["dataset"],
-        data_dir=study.recipe["data_dir"],
-        train_examples=study.recipe["train_examples"],
-        subset_seed=study.recipe["subset_seed"],
-    )
-    indices = data.train_indices.astype("<i8")
-    return {
-        "dataset": data.info.name,
-        "num_train": int(data.info.num_train),
-        "num_test": int(data.info.num_test),
-        "subset_seed": study.recipe["subset_seed"],
-        "subset_rule": "sorted(numpy.random.RandomState(subset_seed)"
-                       ".permutation(num_full_train)[:train_examples])",
-        "subset_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
-        "subset_first_indices": [int(i) for i in indices[:10]],
-    }
-
-
-def stage_summary(metrics):
-    """Wall time over every stage; throughput and history of the final stage."""
-    stages = metrics.get("stages", {})
-    final = stages.get("student") or (list(stages.values())[-1] if stages else {})
-    history = final.get("history", {})
-    feed_keys = sorted(
-        (key for key in history if key.startswith("feed_loss_")),
-        key=lambda key: int(key.rsplit("_", 1)[1]),
-    )
-    return {
-        "wall_s": round(sum(stage.get("wall_s", 0.0) for stage in stages.values()), 1),
-        "stages_wall_s": {name: stage.get("wall_s") for name, stage in stages.items()},
-        "images_per_s": final.get("images_per_s"),
-        "last_feed_loss": [history[key][-1] for key in feed_keys] or None,
-        "history": history,
-    }
-
-
-def now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return common.describe_data(study.recipe)
 
 
 def train_teacher(study, index, revision):
@@ -350,7 +194,7 @@ def train_teacher(study, index, revision):
         metrics = finished_metrics(config)
         if metrics is None:
             say(f"teacher {index}: training {config.model} with CE, seed {seed}")
-            metrics = run_in(model_dir, config)
+            metrics = common.run_in(model_dir, config)
         with files.atomic_path(path) as temporary:
             shutil.copyfile(os.path.join(model_dir, "student.keras"), temporary)
         record.update(
@@ -362,29 +206,10 @@ def train_teacher(study, index, revision):
 
 def measure_teachers(study):
     """Test softmax outputs of each teacher file, and the labels."""
-    import keras
-    import numpy as np
-
-    from keras_feed import data as data_lib
-    from keras_feed.models import preprocessing
-
-    data = data_lib.load(
-        study.recipe["dataset"], data_dir=study.recipe["data_dir"],
-        train_examples=study.recipe["train_examples"], subset_seed=study.recipe["subset_seed"],
+    return common.teacher_probabilities(
+        study.recipe, [study.teacher_path(index) for index in range(NUM_TEACHERS)],
+        convention=TEACHER_PREPROCESSING, flag="TEACHER_PREPROCESSING",
     )
-    test = data.test(256)
-    labels = np.concatenate([y.numpy() for _, y in test])
-    probabilities = []
-    for index in range(NUM_TEACHERS):
-        path = study.teacher_path(index)
-        model = preprocessing.raw_pixel_model(
-            keras.models.load_model(path, compile=False), TEACHER_PREPROCESSING,
-            statistics=lambda: (data.info.mean, data.info.std), what=f"Teacher file {path}",
-            flag="TEACHER_PREPROCESSING",
-        )
-        logits = model.predict(test.map(lambda x, y: x), verbose=0)
-        probabilities.append(np.asarray(keras.ops.softmax(logits.astype("float32"))))
-    return probabilities, labels
 
 
 def ensure_teachers(study, results, revision):
@@ -407,7 +232,7 @@ def ensure_teachers(study, results, revision):
     probabilities, labels = measure_teachers(study)
 
     def accuracy(p):
-        return float(np.mean(np.argmax(p, axis=1) == labels))
+        return common.accuracy(p, labels)
 
     for teacher, p in zip(results["teachers"], probabilities):
         if teacher.get("test_accuracy") is None:
@@ -433,16 +258,7 @@ def ensure_teachers(study, results, revision):
 
 def unavailable(run):
     """Why `run` cannot run with the installed keras_feed yet, or None."""
-    from keras_feed.run import methods
-    from keras_feed.run.config import TrainConfig
-
-    if run.method not in methods.names():
-        return f"method '{run.method}' is not registered yet"
-    fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    missing = [name for name, _ in run.settings if name not in fields]
-    if missing:
-        return f"TrainConfig has no field {', '.join(missing)} yet"
-    return None
+    return common.unavailable(run.method, run.settings)
 
 
 def train_student(study, run, revision):
@@ -454,7 +270,7 @@ def train_student(study, run, revision):
         teachers=tuple(study.teacher_path(i) for i in run.teacher_ids),
         teacher_preprocessing=TEACHER_PREPROCESSING, **settings,
     )
-    metrics = finished_metrics(config) or run_in(model_dir, config)
+    metrics = finished_metrics(config) or common.run_in(model_dir, config)
     record = {
         "key": run.key,
         "name": run.name,
@@ -502,33 +318,13 @@ def run_study(study):
     say(f"results: {study.json_path}; scratch: {study.runs_dir}; keras_feed at {revision}")
     ensure_teachers(study, results, revision)
     write_report(study, results)
-    done = {record["key"] for record in results["runs"]}
-    postponed = []
-    for run in plan():
-        if run.key in done:
-            continue
-        reason = unavailable(run)
-        if reason:
-            say(f"{run.key}: postponed, {reason}")
-            postponed.append(run.key)
-            continue
-        say(f"{run.key}: starting ({run.method}, teachers {list(run.teacher_ids)}, "
-            f"{dict(run.settings)})")
-        try:
-            record = train_student(study, run, revision)
-        except Exception as error:  # keep going; the run is retried on the next start
-            traceback.print_exc()
-            results["failures"][run.key] = f"{type(error).__name__}: {error}"[:500]
-            study.save(results)
-            reset_session()
-            continue
-        results["runs"].append(record)
-        results["failures"].pop(run.key, None)
-        study.save(results)
-        reset_session()
-        say(f"{run.key}: test accuracy {record['test_accuracy']:.4f}, "
-            f"{record['wall_s'] / 60:.1f} min, {record['images_per_s']} images/s")
-        write_report(study, results)
+    postponed = common.run_pending(
+        plan(), results, done={record["key"] for record in results["runs"]},
+        train=lambda run: train_student(study, run, revision),
+        save=lambda: study.save(results), report=lambda: write_report(study, results),
+        describe=lambda run: f"{run.method}, teachers {list(run.teacher_ids)}, "
+                             f"{dict(run.settings)}",
+    )
     write_report(study, results)
     left = [run.key for run in plan() if run.key not in {r["key"] for r in results["runs"]}]
     if left:
@@ -541,51 +337,12 @@ def run_study(study):
 # -- the report -----------------------------------------------------------------
 
 
-def summary(values):
-    """n, mean, sample std (ddof 1) and standard error of `values`."""
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if n > 1 else float("nan")}
-
-
-def percent(value):
-    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
-
-
-def mean_std(stats):
-    if stats["n"] == 0:
-        return "–"
-    if stats["n"] == 1:
-        return f"{percent(stats['mean'])} (n=1)"
-    return f"{percent(stats['mean'])} ± {percent(stats['std'])}"
-
-
 def accuracies_by_name(results):
-    by_name = {}
-    for record in results["runs"]:
-        by_name.setdefault(record["name"], []).append(record)
-    for records in by_name.values():
-        records.sort(key=lambda record: record["seed"])
-    return by_name
-
-
-def difference(a, b, label_a, label_b):
-    """A line: mean(a) - mean(b) in points and in standard errors of the difference."""
-    if a["n"] < 2 or b["n"] < 2:
-        return (f"- {label_a} − {label_b}: needs n ≥ 2 on both sides "
-                f"(have n={a['n']} and n={b['n']})")
-    diff = a["mean"] - b["mean"]
-    se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
-    ratio = diff / se if se > 0 else float("inf")
-    return (f"- {label_a} − {label_b}: {100 * diff:+.2f} points, "
-            f"SE {100 * se:.2f} → {ratio:+.1f} standard errors (n={a['n']} vs n={b['n']})")
+    return common.records_by_name(results["runs"])
 
 
 def write_report(study, results):
     """Rewrites the markdown table and the two plots from the results."""
-    from keras_feed.run import files
-
     by_name = accuracies_by_name(results)
     names = list(DESCRIPTIONS)
     planned = {}
@@ -621,8 +378,7 @@ def write_report(study, results):
         stats[name] = summary(values)
         teachers = len(next((run.teacher_ids for run in plan() if run.name == name), ()))
         per_seed = ", ".join(f"s{r['seed']}: {percent(r['test_accuracy'])}" for r in records)
-        minutes = f"{summary([r['wall_s'] / 60 for r in records])['mean']:.1f}" if records else "–"
-        speed = f"{summary([r['images_per_s'] for r in records])['mean']:.0f}" if records else "–"
+        minutes, speed = common.run_times(records)
         planned_n = len(planned.get(name, []))
         lines.append(
             f"| {name} | {DESCRIPTIONS[name]} | {teachers} | {len(records)}/{planned_n} | "
@@ -703,68 +459,31 @@ def write_report(study, results):
     else:
         lines.append("- complete: every planned run is recorded; a rerun skips them all")
     lines.append("")
-    os.makedirs(study.results_dir, exist_ok=True)
-    with files.atomic_path(study.md_path) as temporary:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
+    common.write_text(study.md_path, "\n".join(lines))
     plot_accuracy(study, results, by_name, teacher_values)
     plot_feed_loss(study, by_name)
 
 
 def plot_accuracy(study, results, by_name, teacher_values):
     """Accuracy per row (mean ± std, seeds as dots); the ensembles as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    from keras_feed.run import files
-
     rows = [(name, [r["test_accuracy"] for r in by_name[name]])
             for name in DESCRIPTIONS if name in by_name]
     if teacher_values:
         rows.append(("teachers", teacher_values))
-    if not rows:
-        return
-    figure, axes = pyplot.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
-    for position, (name, values) in enumerate(rows):
-        stats = summary(values)
-        mean = 100 * stats["mean"]
-        std = 0 if stats["n"] < 2 else 100 * stats["std"]
-        axes.errorbar(position, mean, yerr=std, fmt="o", color="C0", capsize=5, markersize=8)
-        axes.scatter([position + 0.12] * len(values), [100 * v for v in values],
-                     s=12, color="C7", zorder=3)
-        axes.annotate(f"n={stats['n']}", (position, mean), textcoords="offset points",
-                      xytext=(8, -14), fontsize=7)
-    for size, style in (("3", "-"), ("2", "--")):
-        ensemble = results["ensembles"].get(size)
-        if ensemble:
-            axes.axhline(100 * ensemble["test_accuracy"], color="C3", linestyle=style,
-                         label=f"ensemble of {size} teachers")
-    axes.set_xticks(range(len(rows)), [name for name, _ in rows], rotation=30, ha="right")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"Fashion-MNIST, {study.recipe['train_examples']} training images, "
-                   f"{study.recipe['model']}: mean ± std over seeds (dots: seeds)", fontsize=9)
-    axes.grid(axis="y", alpha=0.3)
-    if results["ensembles"]:
-        axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    with files.atomic_path(study.accuracy_png) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    pyplot.close(figure)
+    lines = [(results["ensembles"][size]["test_accuracy"], style, f"ensemble of {size} teachers")
+             for size, style in (("3", "-"), ("2", "--")) if results["ensembles"].get(size)]
+    common.plot_rows(
+        study.accuracy_png, rows, lines=lines,
+        title=f"Fashion-MNIST, {study.recipe['train_examples']} training images, "
+              f"{study.recipe['model']}: mean ± std over seeds (dots: seeds)",
+    )
 
 
 def plot_feed_loss(study, by_name):
     """Per-teacher FEED loss per epoch of the first pFEED-3 run (feed_1 for contrast)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    from keras_feed.run import files
-
     if "pfeed_3" not in by_name:
         return
+    pyplot = common.pyplot()
     record = by_name["pfeed_3"][0]
     history = record["history"]
     figure, axes = pyplot.subplots(figsize=(6.5, 4))
@@ -783,44 +502,17 @@ def plot_feed_loss(study, by_name):
     axes.set_title(f"FEED loss per teacher, pfeed_3 seed {record['seed']}", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    with files.atomic_path(study.feed_loss_png) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    pyplot.close(figure)
+    common.save_figure(figure, study.feed_loss_png)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report_only", action="store_true",
-                        help="rewrite the table and plots from the json; train nothing")
-    parser.add_argument("--smoke", action="store_true",
-                        help="synthetic data, resnet8, 1 epoch; results into a temporary folder")
-    parser.add_argument("--results_dir", default=None,
-                        help="default: benchmarks/results (smoke: a new temporary folder)")
-    parser.add_argument("--runs_dir", default=None,
-                        help="scratch folders of the runs; default: runs/fashion_mnist_study")
-    args = parser.parse_args()
-    if args.smoke:
-        results_dir = args.results_dir or tempfile.mkdtemp(prefix="fashion_mnist_smoke_")
-        runs_dir = args.runs_dir or os.path.join(results_dir, "runs")
-        study = Study(results_dir, runs_dir, SMOKE_RECIPE)
-    else:
-        study = Study(
-            args.results_dir or os.path.join(REPO, "benchmarks", "results"),
-            args.runs_dir or os.path.join(REPO, "runs", "fashion_mnist_study"),
-            RECIPE,
-        )
-    if args.report_only:
-        write_report(study, study.load())
-        say(f"wrote {study.md_path}")
-        return
-    os.makedirs(study.runs_dir, exist_ok=True)
-    with open(os.path.join(study.runs_dir, "study.lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"Another study is running on {study.runs_dir}; not starting twice.")
-        run_study(study)
+    args = common.arguments(
+        __doc__.split("\n\n")[0],
+        smoke_help="synthetic data, resnet8, 1 epoch; results into a temporary folder",
+        name=RESULTS_NAME,
+    )
+    study = Study(*common.folders(args, RESULTS_NAME), SMOKE_RECIPE if args.smoke else RECIPE)
+    common.run_or_report(args, study, run=run_study, report=write_report)
 
 
 if __name__ == "__main__":

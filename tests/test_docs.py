@@ -534,6 +534,11 @@ def test_help_flags_reads_absl_help():
     assert help_flags(text) == {"batch_size", "overwrite"}
 
 
+def test_a_script_takes_the_flags_of_the_modules_it_imports():
+    flags = script_flags(os.path.join(ROOT, "benchmarks", "heterogeneous_study.py"))
+    assert {"report_only", "smoke", "results_dir", "runs_dir"} <= flags
+
+
 def test_a_wrong_flag_is_caught(monkeypatch):
     text = "Run `keras-feed-eval --model_path=m --no_such_flag=1` and `--beta`.\n"
     monkeypatch.setitem(globals(), "pages", lambda: {"README.md": text})
