@@ -84,3 +84,28 @@ def test_the_study_names_the_code_it_runs(study_module):
     revision = study_module.git_revision()
     assert set(revision) == {"commit", "keras_feed_sha256"}
     assert len(revision["keras_feed_sha256"]) == 16
+
+
+def test_one_command_rewrites_both_studies_reports_as_committed():
+    """`benchmarks/report_studies.py` regenerates both reports from their records: the
+    committed tables are what their records give (restored if not, so the checkout stays)."""
+    import subprocess
+    import sys
+
+    results = os.path.join(ROOT, "benchmarks", "results")
+    names = ("fashion_mnist.md", "heterogeneous.md")
+    before = {}
+    for name in names:
+        with open(os.path.join(results, name), "rb") as handle:
+            before[name] = handle.read()
+    try:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report_studies.py")],
+                                capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name in names:
+            with open(os.path.join(results, name), "rb") as handle:
+                assert handle.read() == before[name], f"{name} is not what its record gives"
+    finally:
+        for name in names:
+            with open(os.path.join(results, name), "wb") as handle:
+                handle.write(before[name])
