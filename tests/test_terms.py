@@ -171,6 +171,14 @@ def test_bad_terms_are_one_line(settings, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_term_serves_one_distiller():
+    """A second distiller would rebuild the term's NTLs under the first one's feet."""
+    term = kf.terms.FeatureTerm(1.0)
+    kf.FEEDDistiller(make_student(), make_teachers(), terms=[term])
+    with pytest.raises(ValueError, match="already belongs to a FEEDDistiller"):
+        kf.FEEDDistiller(make_student(), make_teachers(), terms=[term])
+
+
 def test_a_term_without_teachers_is_refused():
     with pytest.raises(ValueError, match="FeatureTerm needs at least one teacher"):
         kf.FEEDDistiller(make_student(), [], terms=[kf.terms.FeatureTerm(1.0)])

@@ -245,7 +245,12 @@ class FEEDDistiller(trainer.Trainer):
         self.student_feature_shape = models.student_map
 
         for term in terms:
+            if getattr(term, "_keras_feed_distiller", False):
+                raise ValueError(
+                    f"This {type(term).__name__} already belongs to a FEEDDistiller (its layers "
+                    "train there): give each distiller its own terms.")
             term.build(models)
+            term._keras_feed_distiller = True  # noqa: SLF001
         self._terms = frozen.Untracked(terms)
         # The terms' layers, tracked here (trained, checkpointed, saved with the
         # weights): the NTLs of the feature terms as `translators`, the others'
