@@ -76,11 +76,11 @@ SMOKE_RECIPE = dict(RECIPE, **common.SMOKE_SETTINGS, teacher_model="resnet8", te
 
 KD = (("kd_weight", 0.9), ("temperature", 4.0))
 
-# The committed teachers were written by keras-feed 0.1.0: they have no
-# preprocessing layer and expect images normalised with the training split's
-# mean and std. Teachers this script trains now carry the layer, and are used
-# as they are.
-TEACHER_PREPROCESSING = "dataset"
+# The committed teachers were written by keras-feed 0.1.0 without a
+# preprocessing layer; once every run was finished they were re-saved with it
+# (`migrate_study_teachers.py`, identical logits on the test split, recorded in
+# the json as each teacher's `migration`). The runs recorded before that took
+# them with `teacher_preprocessing="dataset"`, which computes the same model.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +208,7 @@ def measure_teachers(study):
     """Test softmax outputs of each teacher file, and the labels."""
     return common.teacher_probabilities(
         study.recipe, [study.teacher_path(index) for index in range(NUM_TEACHERS)],
-        convention=TEACHER_PREPROCESSING, flag="TEACHER_PREPROCESSING",
+        flag="teacher_preprocessing",
     )
 
 
@@ -268,7 +268,7 @@ def train_student(study, run, revision):
     config = base_config(
         study, method=run.method, seed=run.seed, model_dir=model_dir,
         teachers=tuple(study.teacher_path(i) for i in run.teacher_ids),
-        teacher_preprocessing=TEACHER_PREPROCESSING, **settings,
+        **settings,
     )
     metrics = finished_metrics(config) or common.run_in(model_dir, config)
     record = {
