@@ -26,6 +26,7 @@ def mixed_run(tmp_path_factory):
     return root, teacher_dir, metrics
 
 
+@pytest.mark.slow  # end to end: trains teachers and students
 def test_two_architectures_with_their_own_epochs_train_and_distil(mixed_run):
     root, _, metrics = mixed_run
     assert [teacher["model"] for teacher in metrics["teachers"]] == ["resnet8", "small_cnn_slim"]
@@ -41,6 +42,7 @@ def test_two_architectures_with_their_own_epochs_train_and_distil(mixed_run):
     assert again.teacher_layer == "features"
 
 
+@pytest.mark.slow  # end to end: trains teachers and students
 def test_each_trained_teacher_has_its_record(mixed_run):
     _, teacher_dir, _ = mixed_run
     for index, (architecture, epochs) in enumerate(zip(*MIXED.values())):
@@ -51,6 +53,7 @@ def test_each_trained_teacher_has_its_record(mixed_run):
         assert record["train_examples"] == 64 and record["subset_seed"] == 0
 
 
+@pytest.mark.slow  # end to end: reuses a trained run's teachers
 def test_a_changed_architecture_with_the_same_teacher_dir_is_refused(mixed_run, tmp_path):
     _, teacher_dir, _ = mixed_run
     before = sorted(os.listdir(teacher_dir))
@@ -67,6 +70,7 @@ def test_a_changed_architecture_with_the_same_teacher_dir_is_refused(mixed_run, 
     assert sorted(os.listdir(teacher_dir)) == before
 
 
+@pytest.mark.slow  # end to end: reuses a trained run's teachers
 def test_a_teacher_file_without_a_record_is_reused_with_a_note(mixed_run, tmp_path, capsys):
     root, teacher_dir, _ = mixed_run
     old = tmp_path / "old_teachers"
@@ -141,6 +145,7 @@ def test_flag_values_one_for_all_or_one_each():
         config_lib.from_values({"teacher_epochs": ["ten"]})
 
 
+@pytest.mark.slow  # end to end: trains teachers and students
 def test_a_single_value_still_works(tmp_path):
     teacher_dir = str(tmp_path / "teachers")
     metrics = runner.run(TrainConfig(
@@ -182,6 +187,7 @@ def test_a_list_in_python_is_a_tuple_and_one_entry_the_value():
     assert TrainConfig(teacher_epochs=(3,)).teacher_epochs == 3
 
 
+@pytest.mark.slow  # end to end: trains teachers and students
 def test_ft_reuses_the_recorded_teachers_with_a_layer_each(mixed_run, tmp_path, capsys):
     _, teacher_dir, _ = mixed_run
     metrics = runner.run(TrainConfig(

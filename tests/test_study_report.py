@@ -86,6 +86,7 @@ def test_the_study_names_the_code_it_runs(study_module):
     assert len(revision["keras_feed_sha256"]) == 16
 
 
+@pytest.mark.slow  # both studies' report scripts, in subprocesses
 def test_one_command_rewrites_both_studies_reports_as_committed():
     """`benchmarks/report_studies.py` regenerates both reports from their records: the
     committed tables are what their records give (restored if not, so the checkout stays)."""
