@@ -10,15 +10,6 @@ _TERM_SETTINGS = ("beta", "kd_weight", "kd_form", "translator_batchnorm", "teach
                   "translator_channels", "feature_term")
 
 
-def _as_list(value, count, what):
-    if isinstance(value, str):
-        return [value] * count
-    value = list(value)
-    if len(value) != count:
-        raise ValueError(f"{what}: {len(value)} given for {count} teachers.")
-    return value
-
-
 def _check_teacher_input(teacher, student, role):
     """Refuses a teacher that cannot take the student's images, naming both shapes."""
     teacher_inputs, student_inputs = teacher.inputs, student.inputs
@@ -88,7 +79,7 @@ def validate(student, teachers=(), *, terms=None, student_layer="features",
     student_head = frozen.head_kind(student, role="Student")
     student_pass = frozen.extractor(student, student_layer, role="Student")
     num_classes = student_pass.outputs[1].shape[-1]
-    layers = _as_list(teacher_layers, len(teachers), "teacher_layers")
+    layers = terms_lib.per_teacher(teacher_layers, len(teachers), "teacher_layers")
     teacher_passes, heads = [], []
     for index, (teacher, layer_name) in enumerate(zip(teachers, layers)):
         role = f"Teacher {index}"
@@ -274,7 +265,6 @@ class FEEDDistiller(trainer.Trainer):
                 "student_pass": student_pass,
                 "teachers": teachers,
                 "teacher_graphs": teacher_graphs,
-                "needs_logits": needs_logits,
             }
         )
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")

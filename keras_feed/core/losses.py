@@ -78,8 +78,8 @@ def ensemble_soft_targets(teacher_logits, temperature, weights=None):
         (`keras_feed.core.weighting`); None: all ones.
 
     Returns:
-      float32 `(batch, classes)` probabilities: sum_n (w_n / K) softmax(z_n / T),
-      with w_n = 1 mean_n softmax(z_n / T).
+      float32 `(batch, classes)` probabilities: sum_n (w_n / K) softmax(z_n / T);
+      without weights (w_n = 1), mean_n softmax(z_n / T).
     """
     probabilities = [
         keras.ops.softmax(keras.ops.cast(logits, "float32") / temperature, axis=-1)

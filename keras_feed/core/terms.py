@@ -180,7 +180,10 @@ class Term:
         return {"class": type(self).__name__, "config": self.get_config()}
 
 
-def _per_teacher(value, count, what):
+def per_teacher(value, count, what):
+    """`value` as a list of `count` values: one value (None, a string, a number or a
+    function) for every teacher, or a sequence of one per teacher (`ValueError`, one
+    line, when its length is not `count`)."""
     if value is None or callable(value) or isinstance(value, (str, int)):
         return [value] * count
     value = list(value)
@@ -223,8 +226,8 @@ class FeatureTerm(Term):
     def _targets(self, models):
         """Per teacher: (transform or None, target shape, NTL channels)."""
         count = len(models.teachers)
-        transforms = _per_teacher(self.teacher_transforms, count, "teacher_transforms")
-        channels = _per_teacher(self.translator_channels, count, "translator_channels")
+        transforms = per_teacher(self.teacher_transforms, count, "teacher_transforms")
+        channels = per_teacher(self.translator_channels, count, "translator_channels")
         targets = []
         for transform, shape, wanted in zip(transforms, models.teacher_maps, channels):
             if transform is not None:

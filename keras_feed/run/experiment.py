@@ -290,9 +290,7 @@ class Experiment:
             kd_weight=self.config.kd_weight,
             temperature=self.config.temperature,
             student_layer=self.config.student_layer,
-            teacher_layers=(list(self.config.teacher_layer)
-                            if isinstance(self.config.teacher_layer, tuple)
-                            else self.config.teacher_layer),
+            teacher_layers=self.config.teacher_layer,  # one for all, or a tuple of one each
             translator_batchnorm=self.config.translator_batchnorm,
             weight_decay=self.config.weight_decay,
             teacher_weighting=self.config.teacher_weighting,
