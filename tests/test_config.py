@@ -76,10 +76,12 @@ def test_every_numeric_setting_has_its_range():
 
 
 def check(name, value):
-    """`check_config` on the defaults with `name` set to `value` (method ce: no teachers)."""
+    """`check_config` on the defaults with `name` set to `value` (pFEED + KD: every loss
+    setting in use)."""
     from keras_feed.run import config, methods
 
-    config.check_config(config.TrainConfig(method="ce", **{name: value}), methods.get("ce"))
+    config.check_config(config.TrainConfig(method="pfeed", **{"kd_weight": 0.5, name: value}),
+                        methods.get("pfeed"))
 
 
 CASES = [(name, outside, inside) for name, edges in EDGES.items() for outside, inside in edges]

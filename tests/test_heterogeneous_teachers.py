@@ -129,6 +129,20 @@ def test_the_dry_run_names_the_kd_form_and_the_weighting(tmp_path):
                            "example: confidence"), recipe
 
 
+@pytest.mark.parametrize("method,settings,shown,hidden", [
+    ("ce", {}, "weight decay 0.0005", ("beta", "kd_weight", "T ")),
+    ("kd", {"kd_weight": 0.5}, "weight decay 0.0005, kd_weight 0.5, T 4.0", ("beta",)),
+    ("pfeed", {"teacher_weighting": "agreement", "temperature": 2.0},
+     "beta 500.0, teachers weighted per example: agreement (T 2.0)", ("kd_weight",)),
+])
+def test_the_dry_run_shows_the_loss_settings_the_method_uses(tmp_path, method, settings,
+                                                             shown, hidden):
+    config = TrainConfig(method=method, dry_run=True, model_dir=str(tmp_path / "run"),
+                         **{**TINY, **MIXED, **settings})
+    (recipe,) = [line for line in runner.run(config)["plan"] if line.startswith("recipe: ")]
+    assert recipe.endswith(shown) and not any(word in recipe for word in hidden), recipe
+
+
 def test_flag_values_one_for_all_or_one_each():
     single = config_lib.from_values(
         {"teacher_model": ["resnet20"], "teacher_epochs": ["30"], "teacher_layer": ["features"]})

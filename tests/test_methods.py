@@ -34,8 +34,8 @@ def teacher_dir(tmp_path_factory):
 
 
 def train(method, model_dir, teacher_dir, **settings):
-    config = TrainConfig(method=method, num_teachers=2, teacher_dir=teacher_dir,
-                                    model_dir=str(model_dir), **{**TINY, **settings})
+    config = TrainConfig(method=method, teacher_dir=teacher_dir, model_dir=str(model_dir),
+                         **{"num_teachers": 2, **TINY, **settings})
     return runner.run(config)
 
 
@@ -229,6 +229,19 @@ def test_optimizer_schedule_starts_at_the_given_peak(schedule):
         ("kd", dict(kd_weight=0.0), "--method=kd needs --kd_weight"),
         ("ce", dict(teacher_weighting="confidence"),
          "--teacher_weighting=confidence weighs teachers, and --method=ce has none"),
+        ("ce", dict(kd_weight=0.5), "--kd_weight=0.5 asks for KD from teachers, and "
+                                    "--method=ce has none."),
+        ("pfeed", dict(kd_form="per_teacher"),
+         "--kd_form=per_teacher shapes the KD term, and --kd_weight=0 trains none."),
+        ("ft", dict(kd_form="per_teacher", temperature=2.0),
+         "--kd_form=per_teacher and --temperature=2.0 shape the KD term, and --kd_weight=0"),
+        ("pfeed", dict(temperature=2.0, teacher_weighting="entropy"),
+         "--temperature=2.0 shapes the KD term, and --kd_weight=0 trains none."),
+        ("pfeed", dict(num_teachers=1, teacher_weighting="confidence"),
+         "--teacher_weighting=confidence weighs teachers against each other, and "
+         "--method=pfeed here distils from one at a time (every weight would be 1)."),
+        ("sfeed", dict(teacher_weighting="entropy"), "--method=sfeed here distils from one "
+                                                     "at a time"),
         ("pfeed", dict(teacher_weighting="nope"), "Unknown --teacher_weighting 'nope'"),
         ("pfeed", dict(kd_form="mean"), "Unknown --kd_form 'mean'; choose from ensemble, "
                                         "per_teacher."),

@@ -163,6 +163,7 @@ def test_both_kd_forms_agree_for_one_teacher():
      "take 1.2 of the student's loss"),
     ({"terms": []}, "terms=\\[\\] uses none"),
     ({"kd_form": "mean"}, "Unknown KD form 'mean'"),
+    ({"kd_form": "per_teacher"}, "kd_form='per_teacher' shapes the KD term, and kd_weight=0"),
 ])
 def test_bad_terms_are_one_line(settings, message):
     student, teachers = make_student(), make_teachers()

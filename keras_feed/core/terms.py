@@ -357,6 +357,8 @@ def default_terms(*, teachers, beta=500.0, kd_weight=0.0, temperature=4.0, kd_fo
     beta = check_weight(beta, "beta")
     kd_weight = check_weight(kd_weight, "kd_weight", at_most=1.0)
     check_kd_form(kd_form)
+    if kd_form != "ensemble" and kd_weight == 0:
+        raise ValueError(f"kd_form={kd_form!r} shapes the KD term, and kd_weight=0 builds none.")
     terms = []
     if kd_weight > 0 and not teachers:
         raise ValueError("kd_weight > 0 needs at least one teacher.")

@@ -379,12 +379,37 @@ def check_config(config, method):
         if not os.path.isfile(path):
             raise ValueError(f"Teacher file not found: {path}")
     check_per_teacher(config)
-    if config.teacher_weighting != "equal" and not method.uses_teachers:
-        raise ValueError(
-            f"--teacher_weighting={config.teacher_weighting} weighs teachers, and "
-            f"--method={config.method} has none."
-        )
+    check_unused(config, method)
     method.check(config)
+
+
+def check_unused(config, method):
+    """Raises `ValueError` (one line) on a loss setting that `method` would ignore.
+
+    A KD weight or a teacher weighting for a method without teachers, a
+    teacher weighting where one teacher teaches at a time (every weight would be
+    1), and KD's form or temperature without a KD term: each would train
+    something other than what the flags say, without a word.
+    """
+    defaults = TrainConfig()
+    if not method.uses_teachers:
+        for name, off, asks in (("teacher_weighting", "equal", "weighs teachers"),
+                                ("kd_weight", 0.0, "asks for KD from teachers")):
+            if getattr(config, name) != off:
+                raise ValueError(f"--{name}={getattr(config, name)} {asks}, and "
+                                 f"--method={config.method} has none.")
+    elif config.teacher_weighting != "equal" and method.plan(config).teacher_count == 1:
+        raise ValueError(
+            f"--teacher_weighting={config.teacher_weighting} weighs teachers against each "
+            f"other, and --method={config.method} here distils from one at a time (every "
+            "weight would be 1).")
+    if config.kd_weight == 0:
+        unused = [f"--{name}={getattr(config, name)}" for name in ("kd_form", "temperature")
+                  if getattr(config, name) != getattr(defaults, name)
+                  and not (name == "temperature" and config.teacher_weighting == "agreement")]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} shape{'s' if len(unused) == 1 else ''} "
+                             "the KD term, and --kd_weight=0 trains none.")
 
 
 def check_choice(field, value):

@@ -96,11 +96,14 @@ def describe_plan(experiment):
     lines.append(
         f"recipe: {config.epochs} epochs x {steps} steps = {config.epochs * steps:,} steps, batch "
         f"{config.batch_size}, SGD lr {config.learning_rate} ({schedule}), momentum "
-        f"{config.momentum}, weight decay {config.weight_decay}, beta {config.beta}"
+        f"{config.momentum}, weight decay {config.weight_decay}"
+        + (f", beta {config.beta}" if plan.translator_channels is not None else "")
         + (f", kd_weight {config.kd_weight}, T {config.temperature}" if config.kd_weight else "")
         + (f" ({config.kd_form} KD)" if config.kd_weight and config.kd_form != "ensemble" else "")
         + (f", teachers weighted per example: {config.teacher_weighting}"
            if config.teacher_weighting != "equal" else "")
+        + (f" (T {config.temperature})"
+           if config.teacher_weighting == "agreement" and not config.kd_weight else "")
     )
     lines.append(distribute.describe_devices(experiment.strategy, config.strategy, config.batch_size))
     lines.append(f"outputs: {config.model_dir}")
