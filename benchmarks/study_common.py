@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -557,7 +558,8 @@ def plot_rows(path, rows, *, lines=(), title, ylabel="test accuracy (%)"):
     if not rows:
         return
     plt = pyplot()
-    figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    width = max(6, 1.1 * len(rows) + 2)
+    figure, axes = plt.subplots(figsize=(width, 4.5))
     for position, (_, values) in enumerate(rows):
         stats = summary(values)
         mean = 100 * stats["mean"]
@@ -571,7 +573,7 @@ def plot_rows(path, rows, *, lines=(), title, ylabel="test accuracy (%)"):
         axes.axhline(100 * value, color="C3", linestyle=style, label=label)
     axes.set_xticks(range(len(rows)), [name for name, _ in rows], rotation=30, ha="right")
     axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=9)
+    axes.set_title(textwrap.fill(title, int(11 * width)), fontsize=9)  # ~11 characters an inch
     axes.grid(axis="y", alpha=0.3)
     if lines:
         axes.legend(fontsize=8, loc="lower right")
