@@ -760,7 +760,11 @@ def weights_section(study, final):
              "The mean per-example weight of each teacher (`teacher_weight_<n>`, the weights "
              "of an example sum to 3) over the last epoch, teachers in the order "
              + ", ".join(f"{i} `{a}`" for i, a in enumerate(architectures))
-             + f"; per epoch in `{os.path.basename(study.weights_png)}`.", ""]
+             + f"; per epoch in `{os.path.basename(study.weights_png)}`. `confidence` "
+             "and `entropy` weights come from the frozen teachers' logits alone (and the labels, "
+             "for `confidence`), so their epoch means move only with the augmentation (flat lines are "
+             "what they should draw); `agreement`'s read the student's logits too and may "
+             "drift as it learns.", ""]
     weighted = [r for row in ROWS for r in final[row.name] if r.get("last_teacher_weights")]
     if not weighted:
         lines.append("- no weighted run finished yet")
