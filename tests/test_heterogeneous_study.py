@@ -1,6 +1,7 @@
 """The heterogeneous-teacher study: its plan, run keys, records, statistics and report.
 
-Fast: nothing is trained; the records are made up.
+Nothing is trained. The records are made up, except in the last test, which
+recomputes the committed records' teacher weights in NumPy.
 """
 
 import dataclasses
@@ -359,3 +360,53 @@ def test_the_study_lock_refuses_a_second_study(tmp_path, common):
         with pytest.raises(SystemExit, match="Another study is running"):
             with common.study_lock(str(tmp_path)):
                 pass
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
+def test_the_recorded_teacher_weights_are_numpy_s_on_the_run_s_own_batches(study):
+    """The committed records' first-epoch mean weights, recomputed in NumPy from the
+    committed teachers on the same augmented batches: CA-MKD's confidence weights
+    and EBKD's entropy weights (each scaled to sum to K)."""
+    import keras
+    import numpy as np
+
+    import keras_feed as kf
+
+    results = json.load(open(os.path.join(ROOT, "benchmarks", "results", "heterogeneous.json")))
+    firsts = {}
+    for record in results["runs"]:
+        if record["phase"] == "final" and record["seed"] == 0 and record["name"] in (
+                "pfeed_3_confidence", "pfeed_3_entropy"):
+            firsts[record["name"]] = record
+    if not firsts:
+        pytest.skip("no weighted run of seed 0 recorded yet")
+    teachers = [keras.models.load_model(os.path.join(
+        ROOT, "benchmarks", "results", "heterogeneous_teachers", f"teacher_{index}.keras"))
+        for index in range(3)]
+    recipe = study.RECIPE
+    data = kf.data.load(recipe["dataset"], data_dir=FASHION_MNIST, seed=0,
+                        train_examples=recipe["train_examples"], subset_seed=recipe["subset_seed"])
+    sums = {"confidence": np.zeros(3), "entropy": np.zeros(3)}
+    steps = data.steps_per_epoch(recipe["batch_size"])
+    for step, (images, labels) in enumerate(data.train(recipe["batch_size"])):
+        if step == steps:
+            break
+        logits = np.stack([teacher(images, training=False).numpy() for teacher in teachers])
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        cross_entropy = -np.take_along_axis(
+            log_p, np.asarray(labels).astype(int)[None, :, None], axis=-1)[..., 0]
+        share = np.exp(cross_entropy - cross_entropy.max(axis=0))
+        share /= share.sum(axis=0)
+        sums["confidence"] += (3 * (1 - share) / 2).mean(axis=1)
+        entropies = -(np.exp(log_p) * log_p).sum(axis=-1)
+        sums["entropy"] += (3 * (1 - entropies / entropies.sum(axis=0)) / 2).mean(axis=1)
+    for name, record in firsts.items():
+        logged = [record["history"][f"teacher_weight_{index}"][0] for index in range(3)]
+        expected = sums[name.rsplit("_", 1)[1]] / steps
+        np.testing.assert_allclose(logged, expected, atol=2e-4, err_msg=name)
