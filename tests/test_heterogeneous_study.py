@@ -374,6 +374,7 @@ def test_the_recorded_teacher_weights_are_numpy_s_on_the_run_s_own_batches(study
     and EBKD's entropy weights (each scaled to sum to K)."""
     import keras
     import numpy as np
+    from test_weighting import reference_confidence, reference_entropy
 
     import keras_feed as kf
 
@@ -396,16 +397,10 @@ def test_the_recorded_teacher_weights_are_numpy_s_on_the_run_s_own_batches(study
     for step, (images, labels) in enumerate(data.train(recipe["batch_size"])):
         if step == steps:
             break
-        logits = np.stack([teacher(images, training=False).numpy() for teacher in teachers])
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        cross_entropy = -np.take_along_axis(
-            log_p, np.asarray(labels).astype(int)[None, :, None], axis=-1)[..., 0]
-        share = np.exp(cross_entropy - cross_entropy.max(axis=0))
-        share /= share.sum(axis=0)
-        sums["confidence"] += (3 * (1 - share) / 2).mean(axis=1)
-        entropies = -(np.exp(log_p) * log_p).sum(axis=-1)
-        sums["entropy"] += (3 * (1 - entropies / entropies.sum(axis=0)) / 2).mean(axis=1)
+        logits = [teacher(images, training=False).numpy() for teacher in teachers]
+        sums["confidence"] += reference_confidence(
+            logits, np.asarray(labels).astype(int)).mean(axis=0)
+        sums["entropy"] += reference_entropy(logits).mean(axis=0)
     for name, record in firsts.items():
         logged = [record["history"][f"teacher_weight_{index}"][0] for index in range(3)]
         expected = sums[name.rsplit("_", 1)[1]] / steps
