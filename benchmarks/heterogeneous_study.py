@@ -787,9 +787,12 @@ def status_section(study, results):
     count = len(design.teachers["teacher_model"])
     if teachers < count:
         lines.append(f"- teachers trained: {teachers}/{count}")
+    validation_planned = len(validation_runs(design)) + len(design.validation_seeds)
+    validation_missing = sum(1 for name, _, _ in missing if name.startswith("val_"))
     lines.append(f"- finished runs: {planned - len(missing)}/{planned} (validation phase "
-                 f"{len(validation_runs(design)) + len(design.validation_seeds)}, final "
-                 f"{sum(len(row_seeds(design, row)) for row in ROWS)})")
+                 f"{validation_planned - validation_missing}/{validation_planned}, final "
+                 f"{planned - validation_planned - len(missing) + validation_missing}/"
+                 f"{planned - validation_planned})")
     reasons = {}
     for run in plan(design, choices):
         if not recorded(results, run):

@@ -288,6 +288,7 @@ def test_report_is_pending_while_runs_are_missing(tmp_path, study):
     assert "(n=4 vs n=5) → **pending**" in report
     assert "| pfeed_3_confidence | " in report and "| 4/5 |" in report
     assert "- not run yet: pfeed_3_confidence/seed4" in report
+    assert "- finished runs: 53/54 (validation phase 12/12, final 41/42)" in report
     assert "- last attempt of pfeed_3_confidence/seed4/x failed: RuntimeError: made up" in report
     assert "resume (or finish)" in report
 
