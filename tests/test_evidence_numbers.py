@@ -125,3 +125,33 @@ def test_evidence_quotes_the_heterogeneous_study(evidence):
         expected.append(f"{d.replace('-', '−')} points, {k.replace('-', '−')}"
                         if first == "kd_equal" else f"{d}, {k}")
     assert missing(evidence, expected) == []
+
+
+SAME_ARCHITECTURE_ROWS = [  # (row, how evidence.md names it, teachers)
+    ("ce", "`ce` (plain training)", 0),
+    ("feed_1", "`feed_1` (FEED, one NTL, teacher 0)", 1),
+    ("pfeed_2", "`pfeed_2` (pFEED, teachers 0, 1)", 2),
+    ("pfeed_3", "`pfeed_3` (pFEED, teachers 0, 1, 2)", 3),
+    ("kd", "`kd` (Hinton KD from the 3-teacher ensemble, T = 4, weight 0.9)", 3),
+    ("ft", "`ft` (Factor Transfer from teacher 0, rate 0.5)", 1),
+    ("sfeed_2", "`sfeed_2` (sFEED, generations 1 and 2 from teacher 0)", 1),
+    ("pfeed_3_kd", "`pfeed_3_kd` (pFEED-3 + KD, weight 0.9)", 3),
+]
+
+
+def test_evidence_quotes_the_same_architecture_study(evidence):
+    study = "fashion_mnist"
+    expected = []
+    for row, label, teachers in SAME_ARCHITECTURE_ROWS:
+        values = accuracies(study, row)
+        cell = summary(study, row)
+        cell = f"**{cell}**" if row == "pfeed_3" else cell
+        seeds = ", ".join(f"{v:.2f}" for v in values)
+        expected.append(f"| {label} | {teachers} | {values.size} | {cell} | {seeds} |")
+    for first, second in (("pfeed_3", "ce"), ("pfeed_3", "feed_1")):
+        d, k = difference(study, first, second)
+        expected.append(f"`{first} − {second}`: **{d} points, {k}**")
+    for first, second in (("pfeed_2", "feed_1"), ("feed_1", "ce")):
+        d, k = difference(study, first, second)
+        expected.append(f"`{first} − {second}`: {d}, {k}")
+    assert missing(evidence, expected) == []
