@@ -155,3 +155,12 @@ def test_evidence_quotes_the_same_architecture_study(evidence):
         d, k = difference(study, first, second)
         expected.append(f"`{first} − {second}`: {d}, {k}")
     assert missing(evidence, expected) == []
+
+
+def test_the_methods_page_quotes_the_weighting_gains():
+    text = flat((ROOT / "docs" / "methods.md").read_text())
+    gains = [difference("heterogeneous", f"pfeed_3_{w}", "pfeed_3_equal")[0]
+             for w in ("confidence", "entropy")]
+    kd = difference("heterogeneous", "kd_confidence", "kd_equal")[0]
+    assert f"gained {gains[0]} and {gains[1]} points over `equal` for pFEED-3 and " \
+           f"`confidence` {kd} for KD" in text
