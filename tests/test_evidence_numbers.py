@@ -103,6 +103,11 @@ HETEROGENEOUS_ROWS = [  # (row, how evidence.md names it, weighting)
     ("pfeed_3_equal", "`pfeed_3_equal` (the paper's loss)", "equal"),
     ("pfeed_3_confidence", "`pfeed_3_confidence`", "confidence"),
     ("pfeed_3_entropy", "`pfeed_3_entropy`", "entropy"),
+    ("kd_per_teacher_equal", "`kd_per_teacher_equal` (KD in CA-MKD's form, one term per "
+     "teacher)", "equal"),
+    ("pfeed_3_kd_equal", "`pfeed_3_kd_equal` (pFEED-3 + KD)", "equal"),
+    ("pfeed_3_kd_confidence", "`pfeed_3_kd_confidence`", "confidence"),
+    ("pfeed_3_agreement", "`pfeed_3_agreement`", "agreement"),
 ]
 
 
@@ -120,10 +125,16 @@ def test_evidence_quotes_the_heterogeneous_study(evidence):
                                 ("H3", "kd_confidence", "kd_equal")):
         d, k = difference(study, first, second)
         expected.append(f"{name}, `{first} − {second}`: {d} points, {k}")
-    for first, second in (("kd_equal", "ce"), ("pfeed_3_equal", "kd_equal")):
+    for first, second in (("kd_equal", "ce"), ("pfeed_3_equal", "kd_equal"),
+                          ("pfeed_3_kd_equal", "pfeed_3_equal"),
+                          ("pfeed_3_kd_confidence", "pfeed_3_kd_equal")):
         d, k = difference(study, first, second)
-        expected.append(f"{d.replace('-', '−')} points, {k.replace('-', '−')}"
-                        if first == "kd_equal" else f"{d}, {k}")
+        expected.append(f"`{first} − {second}` {d} points, {k}".replace("-", "−")
+                        if d.startswith("-") else f"`{first} − {second}` {d}, {k}")
+    for first, second in (("kd_per_teacher_equal", "kd_equal"),
+                          ("pfeed_3_agreement", "pfeed_3_equal")):
+        d, k = difference(study, first, second)
+        expected.append(f"({d}, {k})".replace("-", "−"))
     assert missing(evidence, expected) == []
 
 
