@@ -776,9 +776,12 @@ def weights_section(study, final):
 
 def status_section(study, results):
     design = study.design
-    planned = (len(validation_runs(design)) + len(design.validation_seeds)
-               + sum(len(row_seeds(design, row)) for row in ROWS))
+    validation_planned = len(validation_runs(design)) + len(design.validation_seeds)
+    final_planned = sum(len(row_seeds(design, row)) for row in ROWS)
     missing = missing_runs(design, results)
+    validation_missing = sum(1 for name, _, _ in missing if name.startswith("val_"))
+    final_missing = len(missing) - validation_missing
+    planned = validation_planned + final_planned
     choices = choose(results, design)
     known = {run.key for run in plan(design, choices)}
     stale = [r for r in results["runs"] if r.get("key") not in known]
@@ -787,12 +790,9 @@ def status_section(study, results):
     count = len(design.teachers["teacher_model"])
     if teachers < count:
         lines.append(f"- teachers trained: {teachers}/{count}")
-    validation_planned = len(validation_runs(design)) + len(design.validation_seeds)
-    validation_missing = sum(1 for name, _, _ in missing if name.startswith("val_"))
     lines.append(f"- finished runs: {planned - len(missing)}/{planned} (validation phase "
                  f"{validation_planned - validation_missing}/{validation_planned}, final "
-                 f"{planned - validation_planned - len(missing) + validation_missing}/"
-                 f"{planned - validation_planned})")
+                 f"{final_planned - final_missing}/{final_planned})")
     reasons = {}
     for run in plan(design, choices):
         if not recorded(results, run):
